@@ -1,0 +1,49 @@
+"""Batched, differentiable particle filter over planar poses (SPEC "Particle filter")."""
+
+from dmn_ros.filter.belief import Belief, init_gaussian, init_uniform
+from dmn_ros.filter.resampling import (
+    resample_if_degenerate,
+    soft_resample,
+    systematic_indices,
+    systematic_resample,
+)
+from dmn_ros.filter.runner import (
+    FilterConfig,
+    PreparedMap,
+    StepResult,
+    encode_map,
+    filter_step,
+    prepare_map,
+    run_episode,
+)
+from dmn_ros.filter.steps import (
+    effective_sample_size,
+    estimate,
+    normalize_log_weights,
+    pose_error,
+    transition,
+    update,
+)
+
+__all__ = [
+    "Belief",
+    "FilterConfig",
+    "PreparedMap",
+    "StepResult",
+    "encode_map",
+    "filter_step",
+    "prepare_map",
+    "run_episode",
+    "effective_sample_size",
+    "estimate",
+    "init_gaussian",
+    "init_uniform",
+    "normalize_log_weights",
+    "pose_error",
+    "resample_if_degenerate",
+    "soft_resample",
+    "systematic_indices",
+    "systematic_resample",
+    "transition",
+    "update",
+]

@@ -1,0 +1,1 @@
+"""Training the DMN end to end through the particle filter."""
