@@ -170,6 +170,7 @@ def _atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide shared datasets from other users
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -273,6 +274,7 @@ class DatasetDir:
                     raise DatasetFormatError(f"{n} is already in split {other!r}; splits must be disjoint")
         listed = self.meta.splits.setdefault(split, [])
         listed.extend(n for n in names if n not in listed)
+        listed.sort()
         self._write_meta(self.path, self.meta)
 
     def write_env(self, views: EnvViews, *, split: str) -> Path:
