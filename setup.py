@@ -57,6 +57,16 @@ setup(
     entry_points={
         "console_scripts": [
             "dmn-demo = dmn_ros.demo:main",
+            "dmn-world = dmn_ros.worlds.cli:main",
+            "dmn-train = dmn_ros.training.cli:main",
+            "dmn-eval = dmn_ros.evaluation.cli:main",
+            "dmn-export = dmn_ros.training.export_cli:main",
+            "dmn-bag-record = dmn_ros.bags.record:main",
+            "dmn-bag-eval = dmn_ros.bags.evaluate:main",
+            "dmn-bag-play = dmn_ros.bags.play:main",
+            "mapping_node = dmn_ros.ros.mapping_node:main",
+            "localization_node = dmn_ros.ros.localization_node:main",
+            "sim_node = dmn_ros.ros.sim_node:main",
         ],
     },
 )

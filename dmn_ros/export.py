@@ -1,0 +1,164 @@
+"""Exported models: a TorchScript module that carries its own metadata.
+
+The file is a TorchScript archive (``torch.jit.save``) with ``dmn_meta.json``
+as an extra file: image size, metric scale, architecture config and a
+fingerprint of the weights. Maps and shared contexts store the fingerprint, so
+embeddings from another model are rejected instead of silently misread.
+TorchScript archives are loaded by TorchScript's own loader, which restores
+tensors and compiled TorchScript code only: no arbitrary Python classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmn_ros.errors import ModelLoadError
+from dmn_ros.geometry import MetricScale
+from dmn_ros.model import DMN
+
+META_FILE = "dmn_meta.json"
+FORMAT = "dmn_ros.model/1"
+DEFAULT_MODEL_NAME = "dmn_maze32.pt"
+REQUIRED_METHODS = ("embed_views", "prepare_map", "prepare_query", "log_likelihood_prepared")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a consumer of an exported model must know besides the weights."""
+
+    image_height: int
+    image_width: int
+    meters_per_unit: float
+    """Meters per normalized unit of the training data (20 m for the 40 m worlds)."""
+    fingerprint: str
+    """sha256 of the weights (hex, 16 chars); maps and contexts carry it."""
+    config: dict[str, Any] = field(default_factory=dict)
+    embed_shape: tuple[int, int, int] = (64, 8, 8)
+    """``(D, h, w)`` of one view embedding."""
+    area_size_m: float = 40.0
+    """Side of the square area the model was trained in; tools warn far outside it."""
+    description: str = ""
+    format: str = FORMAT
+
+    def metric_scale(self, origin_x: float = 0.0, origin_y: float = 0.0) -> MetricScale:
+        return MetricScale(self.meters_per_unit, origin_x, origin_y)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Stable over save/load and devices: hashes names, shapes and float32 bytes of every tensor."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_model(
+    model: DMN,
+    path: str | os.PathLike[str],
+    *,
+    meters_per_unit: float,
+    area_size_m: float = 40.0,
+    description: str = "",
+) -> ModelInfo:
+    """Script ``model`` and save it with its metadata, atomically."""
+    model = model.to("cpu").eval()
+    info = ModelInfo(
+        image_height=model.image_height,
+        image_width=model.image_width,
+        meters_per_unit=float(meters_per_unit),
+        fingerprint=weights_fingerprint(model),
+        config=model.config(),
+        embed_shape=(model.embed_dim, model.feat_h, model.feat_w),
+        area_size_m=float(area_size_m),
+        description=description,
+    )
+    scripted = torch.jit.script(model)
+    import io
+
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf, _extra_files={META_FILE: json.dumps(asdict(info))})
+    atomic_write_bytes(path, buf.getvalue())
+    return info
+
+
+@dataclass
+class LoadedModel:
+    """A loaded observation model (TorchScript) plus its metadata, on one device."""
+
+    module: torch.jit.ScriptModule
+    info: ModelInfo
+    device: torch.device
+    path: str
+
+
+def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an exported model; every failure is a :class:`ModelLoadError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    extra = {META_FILE: ""}
+    dev = torch.device(device)
+    try:
+        module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError/ValueError/zip errors for damaged archives
+        raise ModelLoadError(f"cannot load model {path}: not a readable TorchScript archive ({exc})") from exc
+    if not extra[META_FILE]:
+        raise ModelLoadError(f"model {path} has no {META_FILE}: not a dmn_ros export")
+    try:
+        raw = json.loads(extra[META_FILE])
+        raw["embed_shape"] = tuple(raw["embed_shape"])
+        info = ModelInfo(**raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"model {path} has malformed metadata: {exc}") from exc
+    if info.format != FORMAT:
+        raise ModelLoadError(f"model {path} has format {info.format!r}, expected {FORMAT!r}")
+    missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
+    if missing:
+        raise ModelLoadError(f"model {path} lacks methods {missing}: a different architecture")
+    module.eval()
+    return LoadedModel(module=module, info=info, device=dev, path=str(path))
+
+
+def default_model_path() -> Path:
+    """The shipped model: ``$DMN_ROS_MODEL``, the ament share directory, or the source tree."""
+    env = os.environ.get("DMN_ROS_MODEL")
+    if env:
+        return Path(env)
+    candidates = [Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.insert(0, Path(get_package_share_directory("dmn_ros")) / "models" / DEFAULT_MODEL_NAME)
+    except Exception:  # ament index absent (plain pip install) or package not in it
+        pass
+    for c in candidates:
+        if c.is_file():
+            return c
+    return candidates[-1]
