@@ -1,0 +1,134 @@
+"""Camera frames from plain message fields to the model's input, without ROS.
+
+The nodes, the demo and the bag tools all decode images here, so one set of
+rules decides what an acceptable frame is. Functions take the fields of a
+``sensor_msgs/Image`` (encoding, height, width, step, data) or the bytes of a
+``CompressedImage``, never the messages, so this module imports no ROS code.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from dmn_ros.errors import DmnError
+
+__all__ = [
+    "SUPPORTED_ENCODINGS",
+    "ImageDecodeError",
+    "decode_compressed",
+    "decode_raw",
+    "encode_raw",
+    "prepare_image",
+    "resize_rgb",
+    "to_tensor",
+]
+
+
+class ImageDecodeError(DmnError):
+    """A frame cannot be turned into an RGB image: unsupported encoding, bad size or corrupt bytes."""
+
+
+# encoding -> (channels, cv2 conversion to RGB or None)
+_ENCODINGS: dict[str, tuple[int, int | None]] = {
+    "rgb8": (3, None),
+    "bgr8": (3, cv2.COLOR_BGR2RGB),
+    "rgba8": (4, cv2.COLOR_RGBA2RGB),
+    "bgra8": (4, cv2.COLOR_BGRA2RGB),
+    "mono8": (1, cv2.COLOR_GRAY2RGB),
+}
+SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_ENCODINGS)
+"""Raw encodings :func:`decode_raw` accepts (8-bit colour or grey); depth/float encodings are refused."""
+
+
+def _as_bytes_array(data: object) -> np.ndarray:
+    """bytes, bytearray, memoryview, ``array.array('B')`` (rclpy's ``uint8[]``) or ndarray → flat uint8."""
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).view(np.uint8).ravel()
+    try:
+        return np.frombuffer(data, dtype=np.uint8)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(f"image data of type {type(data).__name__} is not a byte buffer") from exc
+
+
+def decode_raw(*, encoding: str, height: int, width: int, step: int, data: bytes | bytearray | memoryview |
+               np.ndarray) -> np.ndarray:
+    """``sensor_msgs/Image`` fields → RGB uint8 ``(H, W, 3)`` (a fresh, contiguous array).
+
+    ``step`` is the row length in bytes and may include padding; ``data`` must hold
+    exactly ``height * step`` bytes.
+    """
+    enc = (encoding or "").lower()
+    if enc not in _ENCODINGS:
+        raise ImageDecodeError(
+            f"unsupported image encoding {encoding!r}; expected one of {', '.join(SUPPORTED_ENCODINGS)}"
+        )
+    channels, conversion = _ENCODINGS[enc]
+    height, width, step = int(height), int(width), int(step)
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"image has zero size ({height}x{width})")
+    if step < width * channels:
+        raise ImageDecodeError(f"step {step} < width {width} × {channels} channels for {encoding}")
+    buf = _as_bytes_array(data)
+    if buf.size != height * step:
+        raise ImageDecodeError(
+            f"image data has {buf.size} bytes, expected height {height} × step {step} = {height * step}"
+        )
+    rows = buf.reshape(height, step)[:, : width * channels]
+    img = rows.reshape(height, width, channels)
+    if conversion is None:
+        return np.ascontiguousarray(img)
+    if channels == 1:
+        img = img[:, :, 0]
+    return cv2.cvtColor(np.ascontiguousarray(img), conversion)
+
+
+def encode_raw(rgb: np.ndarray, encoding: str = "rgb8") -> tuple[int, int, int, bytes]:
+    """RGB uint8 ``(H, W, 3)`` → ``(height, width, step, data)`` for ``encoding`` (rgb8 or bgr8)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ImageDecodeError(f"expected RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if encoding == "bgr8":
+        rgb = rgb[:, :, ::-1]
+    elif encoding != "rgb8":
+        raise ImageDecodeError(f"cannot encode to {encoding!r}; use rgb8 or bgr8")
+    h, w = rgb.shape[:2]
+    return h, w, w * 3, np.ascontiguousarray(rgb).tobytes()
+
+
+def decode_compressed(data: bytes | bytearray | memoryview | np.ndarray, fmt: str = "") -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` bytes (jpeg or png) → RGB uint8 ``(H, W, 3)``.
+
+    ``fmt`` is the message's ``format`` field; it is only used in error messages,
+    since the codec is recognized from the bytes themselves.
+    """
+    buf = _as_bytes_array(data)
+    if buf.size == 0:
+        raise ImageDecodeError(f"compressed image ({fmt or 'unknown format'}) is empty")
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise ImageDecodeError(f"compressed image ({fmt or 'unknown format'}, {buf.size} bytes) is corrupt")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resize_rgb(rgb: np.ndarray, *, height: int, width: int) -> np.ndarray:
+    """Resize to the model's size with area averaging (``cv2.INTER_AREA``); a no-op at the right size."""
+    if rgb.shape[0] == height and rgb.shape[1] == width:
+        return rgb
+    return cv2.resize(rgb, (int(width), int(height)), interpolation=cv2.INTER_AREA)
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` → float32 ``(3, H, W)`` in [0, 1], the models' input convention."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ImageDecodeError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        raise ImageDecodeError(f"expected uint8 pixels, got {rgb.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+def prepare_image(rgb: np.ndarray, *, height: int, width: int) -> torch.Tensor:
+    """Resize then convert: what a node does to every frame before the model sees it."""
+    return to_tensor(resize_rgb(rgb, height=height, width=width))

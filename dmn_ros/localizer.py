@@ -1,0 +1,321 @@
+"""Localize one robot against a view-embedding map: the ROS-free API the nodes, demo and bag tools share.
+
+A :class:`Localizer` holds one belief and one prepared map, converts between
+metric poses (what users and ROS see) and the normalized units the model was
+trained in (through the exported model's :class:`~dmn_ros.geometry.MetricScale`),
+and runs :func:`dmn_ros.filter.filter_step`, the same filter code training
+optimizes, with systematic resampling when ESS < threshold · K (SPEC
+"Resampling at evaluation").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmn_ros.errors import DmnError
+from dmn_ros.export import LoadedModel
+from dmn_ros.filter import (
+    Belief,
+    FilterConfig,
+    PreparedMap,
+    effective_sample_size,
+    estimate,
+    filter_step,
+    init_gaussian,
+    init_uniform,
+    prepare_map,
+)
+from dmn_ros.geometry import MetricScale
+from dmn_ros.images import prepare_image
+from dmn_ros.maps import ViewMap
+
+__all__ = ["Estimate", "Localizer", "LocalizerConfig", "NotReadyError", "embed_images", "resolve_device"]
+
+_log = logging.getLogger("dmn_ros.localizer")
+
+
+class NotReadyError(DmnError):
+    """A step was requested before a map was set and the belief initialized."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → cuda when available, else cpu; ``"cuda"`` without a GPU falls back to cpu (warned)."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        _log.warning("device %r requested but CUDA is not available; using cpu", name)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class LocalizerConfig:
+    """Filter settings in metric units; defaults follow the paper's evaluation (K: 2048 global, 256)."""
+
+    max_particles: int = 2048
+    """Particles for global localization (uniform prior)."""
+    tracking_particles: int = 256
+    """Particles for tracking from an initial pose."""
+    motion_noise_xy_m: float = 0.2
+    """Std of the per-particle translation noise per step, meters, robot frame."""
+    motion_noise_yaw_rad: float = 0.05
+    """Std of the per-particle rotation noise per step, radians."""
+    resample_threshold: float = 0.5
+    """Systematic resampling when ESS < threshold · K."""
+    global_margin_m: float = 2.0
+    """Margin around the map's view positions for the default global prior."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One filter step's output in metric units."""
+
+    mean: np.ndarray
+    """``(3,)`` metric ``(x, y, yaw)`` in the map frame."""
+    covariance: np.ndarray
+    """``(3, 3)`` covariance (m², rad²), yaw variance from circular statistics."""
+    ess: float
+    """Effective sample size after the update, before resampling."""
+    spread: float
+    """``sqrt(var_x + var_y)`` in meters: one number for how spread the belief is."""
+    latency_ms: float
+    """Wall time of the step (image preparation, model, filter)."""
+    num_particles: int
+
+
+def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
+    """Context images (RGB uint8 ``(H, W, 3)`` each, any size) → embeddings ``(N, D, h, w)`` float32."""
+    if isinstance(images, torch.Tensor):
+        batch = images
+    else:
+        h, w = model.info.image_height, model.info.image_width
+        batch = torch.stack([prepare_image(np.asarray(im), height=h, width=w) for im in images])
+    with torch.inference_mode():
+        emb = model.module.embed_views(batch.to(model.device))
+    return emb.float().cpu().numpy()
+
+
+class Localizer:
+    """One robot's DMN particle filter with metric inputs and outputs."""
+
+    def __init__(self, model: LoadedModel, *, config: LocalizerConfig | None = None, seed: int = 0) -> None:
+        self.config = config or LocalizerConfig()
+        self.device = resolve_device(self.config.device)
+        if self.device != model.device:
+            model = LoadedModel(model.module.to(self.device), model.info, self.device, model.path)
+        self.model = model
+        self.info = model.info
+        self.scale: MetricScale = model.info.metric_scale()
+        """Metric ↔ normalized; its origin is moved to the map's center (the model is invariant to it)."""
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed))
+        self.view_map: ViewMap | None = None
+        self.prepared: PreparedMap | None = None
+        self.belief: Belief | None = None
+        self.mode: str = "uninitialized"
+        """``uninitialized``, ``global`` or ``tracking``."""
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def has_map(self) -> bool:
+        return self.prepared is not None
+
+    @property
+    def initialized(self) -> bool:
+        return self.belief is not None
+
+    @property
+    def ready(self) -> bool:
+        """True when a step can run: a non-empty map and an initialized belief."""
+        return self.has_map and self.initialized
+
+    def _filter_config(self) -> FilterConfig:
+        mpu = self.scale.meters_per_unit
+        c = self.config
+        return FilterConfig(
+            transition_noise=(c.motion_noise_xy_m / mpu, c.motion_noise_xy_m / mpu, c.motion_noise_yaw_rad),
+            resampling="systematic",
+            ess_threshold=c.resample_threshold,
+        )
+
+    # ---- map --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def set_map(self, view_map: ViewMap) -> list[str]:
+        """Prepare ``view_map`` once for every later step; returns warnings (also logged).
+
+        Raises :class:`~dmn_ros.errors.FingerprintMismatchError` for a map from another
+        model. An empty map clears the current one (no steps until a new map arrives).
+        """
+        view_map.check_fingerprint(self.info.fingerprint)
+        warnings: list[str] = []
+        if len(view_map) == 0:
+            self.view_map, self.prepared = view_map, None
+            return warnings
+        xmin, xmax, ymin, ymax = view_map.extent()  # type: ignore[misc]
+        size = max(xmax - xmin, ymax - ymin)
+        if size > 2.0 * self.info.area_size_m:
+            warnings.append(
+                f"map extent {size:.1f} m is more than twice the model's training area "
+                f"({self.info.area_size_m:.1f} m); localization may degrade"
+            )
+        old_scale = self.scale
+        self.scale = MetricScale(self.info.meters_per_unit, (xmin + xmax) / 2.0, (ymin + ymax) / 2.0)
+        if self.belief is not None and old_scale != self.scale:  # keep the belief where it is in meters
+            metric = old_scale.to_metric(self.belief.particles)
+            self.belief = Belief(self.scale.to_normalized(metric), self.belief.log_weights)
+        emb = torch.from_numpy(np.ascontiguousarray(view_map.embeddings)).to(self.device).unsqueeze(0)
+        poses = torch.from_numpy(self.scale.to_normalized(view_map.poses)).float().to(self.device)[None]
+        self.prepared = prepare_map(self.model.module, embeddings=emb, poses=poses)
+        self.view_map = view_map
+        for w in warnings:
+            _log.warning(w)
+        return warnings
+
+    # ---- initialization ---------------------------------------------------------------------
+    def default_bounds(self) -> tuple[float, float, float, float]:
+        """The map's view extent plus ``global_margin_m``, in meters."""
+        if self.view_map is None or len(self.view_map) == 0:
+            raise NotReadyError("global localization needs bounds or a non-empty map")
+        xmin, xmax, ymin, ymax = self.view_map.extent()  # type: ignore[misc]
+        m = self.config.global_margin_m
+        return xmin - m, xmax + m, ymin - m, ymax + m
+
+    def init_global(self, bounds: tuple[float, float, float, float] | None = None) -> None:
+        """Uniform belief over metric ``bounds = (xmin, xmax, ymin, ymax)`` (default: the map's), all yaws."""
+        xmin, xmax, ymin, ymax = bounds if bounds is not None else self.default_bounds()
+        lo = self.scale.to_normalized(np.array([xmin, ymin, 0.0]))
+        hi = self.scale.to_normalized(np.array([xmax, ymax, 0.0]))
+        self.belief = init_uniform(
+            batch=1,
+            num_particles=self.config.max_particles,
+            bounds=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])),
+            generator=self.generator,
+            device=self.device,
+        )
+        self.mode = "global"
+
+    def init_pose(self, mean_metric: Sequence[float] | np.ndarray, cov_metric: np.ndarray) -> None:
+        """Gaussian belief (tracking) around a metric pose with a metric ``(3, 3)`` covariance."""
+        mean = np.asarray(mean_metric, dtype=np.float64).reshape(3)
+        cov = np.asarray(cov_metric, dtype=np.float64).reshape(3, 3)
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+            raise ValueError("initial pose or covariance is not finite")
+        cov = 0.5 * (cov + cov.T)
+        mpu = self.scale.meters_per_unit
+        s = np.diag([1.0 / mpu, 1.0 / mpu, 1.0])
+        cov_n = s @ cov @ s + np.eye(3) * 1e-9
+        if np.linalg.eigvalsh(cov_n).min() <= 0:
+            raise ValueError("initial covariance is not positive semi-definite")
+        mean_n = torch.tensor(self.scale.to_normalized(mean), dtype=torch.float32, device=self.device)
+        cov_t = torch.tensor(cov_n, dtype=torch.float32, device=self.device)
+        self.belief = init_gaussian(
+            mean=mean_n.unsqueeze(0),
+            std=cov_t.unsqueeze(0),
+            num_particles=self.config.tracking_particles,
+            generator=self.generator,
+        )
+        self.mode = "tracking"
+
+    def reset(self) -> None:
+        """Forget the belief (no output until re-initialized); the map stays."""
+        self.belief = None
+        self.mode = "uninitialized"
+
+    # ---- filtering --------------------------------------------------------------------------
+    def _query(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        h, w = self.info.image_height, self.info.image_width
+        if isinstance(image, torch.Tensor):
+            q = image.float()
+            if q.dim() != 3 or q.shape[0] != 3:
+                raise ValueError(f"image tensor must be (3, H, W), got {tuple(q.shape)}")
+            if tuple(q.shape[1:]) != (h, w):
+                q = torch.nn.functional.interpolate(q[None], size=(h, w), mode="area")[0]
+        else:
+            q = prepare_image(np.asarray(image), height=h, width=w)
+        return q.unsqueeze(0).to(self.device)
+
+    @torch.inference_mode()
+    def step(
+        self, image: np.ndarray | torch.Tensor, egomotion_metric: Sequence[float] | np.ndarray | None = None
+    ) -> Estimate:
+        """Move by ``Δ_t`` (metric, robot frame at t-1; None: no motion), weigh with ``image``, estimate."""
+        if not self.ready:
+            raise NotReadyError("Localizer.step needs a map (set_map) and a belief (init_global/init_pose)")
+        t0 = time.perf_counter()
+        query = self._query(image)
+        delta = None
+        if egomotion_metric is not None:
+            d = np.asarray(egomotion_metric, dtype=np.float64).reshape(3)
+            if not np.isfinite(d).all():
+                raise ValueError(f"egomotion {d} is not finite")
+            d_n = self.scale.delta_to_normalized(d)
+            delta = torch.tensor(d_n, dtype=torch.float32, device=self.device)[None]
+        res = filter_step(
+            self.model.module,
+            belief=self.belief,  # type: ignore[arg-type]
+            prepared_map=self.prepared,  # type: ignore[arg-type]
+            query=query,
+            egomotion=delta,
+            config=self._filter_config(),
+            generator=self.generator,
+        )
+        self.belief = res.belief
+        ess = float(effective_sample_size(res.updated)[0])
+        mean = self.scale.to_metric(res.mean[0].double().cpu().numpy())
+        cov = self._cov_to_metric(res.covariance[0].double().cpu().numpy())
+        latency = (time.perf_counter() - t0) * 1000.0
+        return Estimate(
+            mean=mean,
+            covariance=cov,
+            ess=ess,
+            spread=float(math.sqrt(max(cov[0, 0] + cov[1, 1], 0.0))),
+            latency_ms=latency,
+            num_particles=int(res.updated.num_particles),
+        )
+
+    def nomotion_update(self, image: np.ndarray | torch.Tensor) -> Estimate:
+        """Weigh with ``image`` without moving the particles (nav2_amcl's ``request_nomotion_update``)."""
+        return self.step(image, None)
+
+    def _cov_to_metric(self, cov: np.ndarray) -> np.ndarray:
+        mpu = self.scale.meters_per_unit
+        s = np.diag([mpu, mpu, 1.0])
+        out = s @ cov @ s
+        return 0.5 * (out + out.T)  # exactly symmetric for ROS consumers
+
+    # ---- inspection -------------------------------------------------------------------------
+    def current_estimate(self) -> tuple[np.ndarray, np.ndarray]:
+        """Metric mean ``(3,)`` and covariance ``(3, 3)`` of the current belief (no new frame)."""
+        if self.belief is None:
+            raise NotReadyError("no belief")
+        with torch.inference_mode():
+            mean, cov = estimate(self.belief)
+        return self.scale.to_metric(mean[0].double().cpu().numpy()), self._cov_to_metric(
+            cov[0].double().cpu().numpy()
+        )
+
+    def particles_metric(self) -> np.ndarray:
+        """``(K, 3)`` particle poses in meters/radians, map frame."""
+        if self.belief is None:
+            return np.zeros((0, 3))
+        return self.scale.to_metric(self.belief.particles[0].double().cpu().numpy())
+
+    def weights(self) -> np.ndarray:
+        """``(K,)`` normalized particle weights."""
+        if self.belief is None:
+            return np.zeros((0,))
+        return self.belief.log_weights[0].exp().double().cpu().numpy()
+
+    def context_poses(self) -> np.ndarray:
+        """``(N, 3)`` metric poses of the map's views (for visualization)."""
+        return np.zeros((0, 3)) if self.view_map is None else self.view_map.poses.copy()

@@ -1,0 +1,173 @@
+"""Localizer: shapes, metric ↔ normalized conversion, initialization, steps, map handling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmn_ros.errors import FingerprintMismatchError
+from dmn_ros.export import default_model_path, export_model, load_model
+from dmn_ros.geometry import compose
+from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, NotReadyError, embed_images
+from dmn_ros.maps import ViewMap
+from dmn_ros.model import DMN
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "untrained.pt"
+    export_model(DMN(), path, meters_per_unit=20.0)
+    return load_model(path)
+
+
+def _images(n: int, seed: int = 0, size: int = 32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _view_map(model, poses: np.ndarray) -> ViewMap:
+    m = ViewMap.for_model(model.info)
+    ids = [f"r/{i}" for i in range(len(poses))]
+    m.add(embeddings=embed_images(model, _images(len(poses))), poses=poses, ids=ids)
+    return m
+
+
+CFG = LocalizerConfig(max_particles=64, tracking_particles=16, device="cpu")
+
+
+def test_embed_images_shape(model):
+    emb = embed_images(model, _images(3, size=48))  # resized to the model's 32×32
+    assert emb.shape == (3, *model.info.embed_shape) and emb.dtype == np.float32
+
+
+def test_not_ready_until_map_and_belief(model):
+    loc = Localizer(model, config=CFG, seed=0)
+    assert not loc.ready
+    with pytest.raises(NotReadyError):
+        loc.step(_images(1)[0])
+    with pytest.raises(NotReadyError):
+        loc.init_global()  # no map, no bounds
+    loc.set_map(_view_map(model, np.array([[0.0, 0.0, 0.0], [4.0, 2.0, 1.0]])))
+    assert loc.has_map and not loc.ready
+    loc.init_global()
+    assert loc.ready and loc.mode == "global"
+
+
+def test_global_init_bounds_metric(model):
+    loc = Localizer(model, config=CFG, seed=0)
+    poses = np.array([[100.0, 50.0, 0.0], [110.0, 56.0, 1.0]])  # far from the origin: origin moves to the map
+    loc.set_map(_view_map(model, poses))
+    loc.init_global()
+    p = loc.particles_metric()
+    assert p.shape == (64, 3)
+    assert p[:, 0].min() >= 98.0 - 1e-4 and p[:, 0].max() <= 112.0 + 1e-4
+    assert p[:, 1].min() >= 48.0 - 1e-4 and p[:, 1].max() <= 58.0 + 1e-4
+    assert np.all(np.abs(p[:, 2]) <= math.pi + 1e-6)
+    # normalized particles are centred on the map: |x| ≤ (7 + 2) / 20
+    assert float(loc.belief.particles[..., :2].abs().max()) <= 9.0 / 20.0 + 1e-5
+    np.testing.assert_allclose(loc.weights(), np.full(64, 1 / 64), rtol=1e-5)
+    loc.init_global((0.0, 1.0, 2.0, 3.0))
+    p = loc.particles_metric()
+    assert p[:, 0].min() >= -1e-5 and p[:, 0].max() <= 1.0 + 1e-5 and p[:, 1].min() >= 2.0 - 1e-5
+
+
+def test_init_pose_metric_covariance(model):
+    cfg = LocalizerConfig(max_particles=64, tracking_particles=4000, device="cpu")
+    loc = Localizer(model, config=cfg, seed=1)
+    loc.set_map(_view_map(model, np.array([[10.0, -5.0, 0.0], [14.0, -1.0, 2.0]])))
+    cov = np.diag([4.0, 1.0, 0.04])
+    cov[0, 1] = cov[1, 0] = 1.0
+    loc.init_pose([12.0, -3.0, 0.5], cov)
+    assert loc.mode == "tracking"
+    p = loc.particles_metric()
+    assert p.shape == (4000, 3)
+    np.testing.assert_allclose(p.mean(axis=0), [12.0, -3.0, 0.5], atol=0.1)
+    np.testing.assert_allclose(np.cov(p.T), cov, atol=0.25 * np.abs(cov).max() * 0.5 + 0.01)
+    mean, c = loc.current_estimate()
+    np.testing.assert_allclose(mean, [12.0, -3.0, 0.5], atol=0.1)
+    assert c[0, 0] == pytest.approx(4.0, rel=0.1) and c[2, 2] == pytest.approx(0.04, rel=0.15)
+    with pytest.raises(ValueError):
+        loc.init_pose([np.nan, 0, 0], np.eye(3))
+    with pytest.raises(ValueError):
+        loc.init_pose([0, 0, 0], -np.eye(3))
+
+
+def test_step_shapes_and_motion(model):
+    # No motion noise and no resampling: each particle moves exactly by Δ composed in its own frame.
+    cfg = LocalizerConfig(
+        max_particles=32, tracking_particles=8, motion_noise_xy_m=0.0, motion_noise_yaw_rad=0.0,
+        resample_threshold=0.0, device="cpu",
+    )
+    loc = Localizer(model, config=cfg, seed=0)
+    loc.set_map(_view_map(model, np.array([[0.0, 0.0, 0.0], [6.0, 3.0, 1.0], [-4.0, 2.0, -2.0]])))
+    loc.init_pose([1.0, 1.0, 0.3], np.diag([1.0, 1.0, 0.1]))
+    before = loc.particles_metric()
+    delta = np.array([1.0, 0.5, 0.2])
+    est = loc.step(_images(1, seed=5, size=64)[0], delta)
+    assert isinstance(est, Estimate)
+    assert est.mean.shape == (3,) and est.covariance.shape == (3, 3) and est.num_particles == 8
+    assert 1.0 <= est.ess <= 8.0 + 1e-4 and est.latency_ms > 0 and est.spread >= 0
+    np.testing.assert_allclose(est.covariance, est.covariance.T, atol=1e-9)
+    after = loc.particles_metric()
+    np.testing.assert_allclose(after, compose(before, np.broadcast_to(delta, before.shape)), atol=1e-4)
+    w = loc.weights()
+    assert w.shape == (8,) and w.sum() == pytest.approx(1.0, abs=1e-5)
+    # Weighted mean of the particles is the reported estimate (x, y).
+    np.testing.assert_allclose(est.mean[:2], (w[:, None] * after[:, :2]).sum(0), atol=1e-4)
+    # A float tensor frame works, and nomotion_update leaves particles in place.
+    est2 = loc.nomotion_update(torch.rand(3, 32, 32))
+    np.testing.assert_allclose(loc.particles_metric(), after, atol=1e-5)
+    assert est2.num_particles == 8
+    with pytest.raises(ValueError):
+        loc.step(_images(1)[0], [np.nan, 0, 0])
+
+
+def test_map_fingerprint_and_origin_shift(model):
+    loc = Localizer(model, config=CFG, seed=0)
+    foreign = ViewMap(fingerprint="0000", meters_per_unit=20.0, embed_shape=model.info.embed_shape)
+    with pytest.raises(FingerprintMismatchError):
+        loc.set_map(foreign)
+    loc.set_map(_view_map(model, np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]])))
+    loc.init_pose([1.0, 0.0, 0.0], np.diag([0.5, 0.5, 0.1]))
+    before = loc.particles_metric()
+    # A new map with another centre keeps the belief where it is in meters.
+    loc.set_map(_view_map(model, np.array([[30.0, 10.0, 0.0], [34.0, 12.0, 0.0]])))
+    np.testing.assert_allclose(loc.particles_metric(), before, atol=1e-4)
+    warnings = loc.set_map(_view_map(model, np.array([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]])))
+    assert warnings and "twice" in warnings[0]
+    loc.set_map(ViewMap.for_model(model.info))  # empty map: no steps
+    assert not loc.ready
+
+
+@pytest.mark.slow
+def test_trained_model_tracking_converges():
+    """Accuracy check with the shipped model; skipped only when ``models/dmn_maze32.pt`` is absent."""
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip(f"trained model {path} not present")
+    from dmn_ros.data import egomotion_from_poses
+    from dmn_ros.worlds import make_world, smooth_trajectory
+
+    model = load_model(path)
+    errs = []
+    for seed in range(20_000_000, 20_000_004):
+        rng = np.random.default_rng(seed)
+        with make_world("maze", seed=seed, image_size=(model.info.image_height, model.info.image_width)) as w:
+            ctx = w.sample_free_poses(32, rng)
+            traj = smooth_trajectory(w, rng, steps=5)
+            ctx_img, q_img = w.render(ctx), w.render(traj)
+        vm = ViewMap.for_model(model.info)
+        vm.add(embeddings=embed_images(model, list(ctx_img)), poses=ctx, ids=[str(i) for i in range(32)])
+        loc = Localizer(model, config=LocalizerConfig(device="cpu"), seed=seed)
+        loc.set_map(vm)
+        loc.init_pose(traj[0] + rng.normal(0, [2.0, 2.0, 0.2]), np.diag([36.0, 36.0, math.radians(30) ** 2]))
+        ego, _ = egomotion_from_poses(traj)
+        for t in range(5):
+            est = loc.step(q_img[t], None if t == 0 else ego[t])
+        errs.append(float(np.hypot(*(est.mean[:2] - traj[-1, :2]))))
+    rmse = float(np.sqrt(np.mean(np.square(errs))))
+    assert rmse < 6.0, f"tracking RMSE at t=5 {rmse:.2f} m (errors {errs})"
