@@ -25,7 +25,7 @@ def soft_resample(belief: Belief, *, alpha: float = 0.5, generator: torch.Genera
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    b, k = belief.log_weights.shape
+    k = belief.log_weights.shape[1]
     log_w = belief.log_weights
     if alpha >= 1.0:
         log_q = log_w

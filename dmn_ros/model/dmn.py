@@ -223,7 +223,8 @@ class DMN(nn.Module):
         lam = self.attention_weights(logits)  # (B, K, Nc)
         att_key = torch.einsum("bki,bkichw->bkchw", lam, keys).reshape(b * k, self.key_dim, h, w)
         att_val = torch.einsum("bki,bichw->bkchw", lam, map_g)
-        key_term = F.conv2d(att_key, self.cnn6_first.weight[:, self.value_dim : self.value_dim + self.key_dim], None, padding=1)
+        w_key = self.cnn6_first.weight[:, self.value_dim : self.value_dim + self.key_dim]
+        key_term = F.conv2d(att_key, w_key, None, padding=1)
         pre6 = att_val + key_term.reshape(b, k, -1, h, w) + hq.unsqueeze(1)
         x = self.cnn6_rest(torch.relu(pre6).reshape(b * k, -1, h, w))
         return self.fc1(x).reshape(b, k)
