@@ -1,0 +1,388 @@
+"""localization_node: DMN particle filter on camera frames, nav2_amcl-style interface.
+
+Inputs: ``image_topic`` (newest frame only; older unprocessed frames are dropped and
+counted), ``odom_topic`` (interpolated at image stamps for egomotion),
+``initialpose``, the map (``map_topic`` + ``map_info_topic``). Outputs: ``dmn_pose``
+(PoseWithCovarianceStamped, reliable + transient_local, depth 1, stamped with the
+image stamp), ``particle_cloud`` (PoseArray, best effort), ``dmn_markers``
+(MarkerArray), map→odom TF when tf2_ros is importable. Nothing is published before a
+map exists and the filter is initialized. Bad inputs are logged, counted and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, TransformStamped
+from nav_msgs.msg import Odometry
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from std_msgs.msg import ColorRGBA, String
+from std_srvs.srv import Empty
+from visualization_msgs.msg import Marker, MarkerArray
+
+from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError
+from dmn_ros.export import LoadedModel, default_model_path, load_model
+from dmn_ros.geometry import yaw_to_quaternion
+from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, resolve_device
+from dmn_ros.ros import params
+from dmn_ros.ros.conversions import (
+    PoseInputError,
+    compressed_msg_to_rgb,
+    cov6_to_cov3,
+    image_msg_to_rgb,
+    pointcloud_to_view_map,
+    pose_to_xyyaw,
+    pose_with_cov_msg,
+    sec_to_stamp,
+    stamp_to_sec,
+    xyyaw_to_pose,
+)
+from dmn_ros.ros.mapping_node import MAP_QOS
+from dmn_ros.ros.transforms import OdometryBuffer, map_to_odom
+
+POSE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+PARTICLE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+ODOM_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+
+try:  # tf2_ros is optional: pip-installed ROS here has no tf2_ros wheel
+    from tf2_ros import TransformBroadcaster  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the installation
+    TransformBroadcaster = None
+
+
+def weight_colors(weights: np.ndarray) -> list[ColorRGBA]:
+    """Blue (low) → red (high) by weight relative to the largest."""
+    w = np.asarray(weights, dtype=np.float64)
+    r = w / max(float(w.max()), 1e-300) if w.size else w
+    return [ColorRGBA(r=float(v), g=0.2, b=float(1.0 - v), a=0.9) for v in r]
+
+
+class LocalizationNode(Node):
+    """One robot's localizer; see the module docstring for its interface."""
+
+    def __init__(self, *, model: LoadedModel | None = None, **kwargs: Any) -> None:
+        super().__init__("localization_node", **kwargs)
+        self.p = params.declare(self, params.LOCALIZATION)
+        p = self.p
+        self.model = model or load_model(p["model_path"] or default_model_path(), device=resolve_device(p["device"]))
+        cfg = LocalizerConfig(
+            max_particles=int(p["max_particles"]),
+            tracking_particles=int(p["tracking_particles"]),
+            motion_noise_xy_m=float(p["motion_noise_xy"]),
+            motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
+            resample_threshold=float(p["resample_threshold"]),
+            device=str(p["device"]),
+        )
+        self.localizer = Localizer(self.model, config=cfg, seed=int(p["random_seed"]))
+        self.counters: dict[str, int] = {
+            "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
+            "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
+            "bad_maps": 0, "step_errors": 0,
+        }
+        """Inputs used and dropped, by reason."""
+        self.last_estimate: Estimate | None = None
+        self.last_stamp: float | None = None
+        """Image stamp of the last filter update (egomotion is measured from it)."""
+        self._lock = threading.RLock()
+        self._pending: tuple[float, Any, float] | None = None
+        self._last_rgb: np.ndarray | None = None
+        self._force_update = False
+        self._nomotion_request = False
+        self._pending_global = False
+        self._map_ids: dict[int, list[str]] = {}
+        self._last_map_to_odom: TransformStamped | None = None
+        self.odom = OdometryBuffer(max_age_s=float(p["odom_buffer_s"]), tolerance_s=float(p["transform_tolerance"]))
+        self._odom_seen = False
+
+        self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "dmn_pose", POSE_QOS)
+        self.cloud_pub = self.create_publisher(PoseArray, "particle_cloud", PARTICLE_QOS)
+        self.marker_pub = self.create_publisher(MarkerArray, "dmn_markers", 1)
+        sensors = MutuallyExclusiveCallbackGroup()
+        if p["use_compressed"]:
+            self.create_subscription(CompressedImage, p["image_topic"] + "/compressed", self._on_image,
+                                     qos_profile_sensor_data, callback_group=sensors)
+        else:
+            self.create_subscription(Image, p["image_topic"], self._on_image, qos_profile_sensor_data,
+                                     callback_group=sensors)
+        self.create_subscription(Odometry, p["odom_topic"], self._on_odom, ODOM_QOS, callback_group=sensors)
+        self.create_subscription(PoseWithCovarianceStamped, "initialpose", self._on_initialpose, 10,
+                                 callback_group=sensors)
+        self.create_subscription(PointCloud2, p["map_topic"], self._on_map, MAP_QOS, callback_group=sensors)
+        self.create_subscription(String, p["map_info_topic"], self._on_map_info, MAP_QOS, callback_group=sensors)
+        self.create_service(Empty, "reinitialize_global_localization", self._on_global, callback_group=sensors)
+        self.create_service(Empty, "request_nomotion_update", self._on_nomotion, callback_group=sensors)
+        self.create_timer(1.0 / max(float(p["process_rate"]), 1e-3), self._work,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.tf = None
+        if p["tf_broadcast"]:
+            if TransformBroadcaster is not None:
+                self.tf = TransformBroadcaster(self)
+            else:
+                self.get_logger().warning("tf2_ros is not importable: map->odom is not broadcast")
+        if p["set_initial_pose"]:
+            sxy, syaw = float(p["initial_pose.std_xy"]), float(p["initial_pose.std_yaw"])
+            self._init_pose([p["initial_pose.x"], p["initial_pose.y"], p["initial_pose.yaw"]],
+                            np.diag([sxy**2, sxy**2, syaw**2]))
+        self.get_logger().info(f"localizing with model {self.model.info.fingerprint} on {self.localizer.device}")
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        with self._lock:
+            self.counters["frames"] += 1
+            if self._pending is not None:
+                self.counters["dropped_newer_frame"] += 1
+            self._pending = (stamp_to_sec(msg.header.stamp), msg, time.monotonic())
+
+    def _on_odom(self, msg: Odometry) -> None:
+        try:
+            pose = pose_to_xyyaw(msg.pose.pose)
+        except PoseInputError as exc:
+            self.counters["bad_odom"] += 1
+            self.get_logger().warning(f"odometry dropped: {exc}", throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            if not self.odom.add(stamp_to_sec(msg.header.stamp), pose):
+                self.counters["bad_odom"] += 1
+                self.get_logger().warning("odometry dropped: out-of-order or non-finite stamp",
+                                          throttle_duration_sec=5.0)
+                return
+            self._odom_seen = True
+
+    def _on_initialpose(self, msg: PoseWithCovarianceStamped) -> None:
+        if msg.header.frame_id != self.p["global_frame_id"]:
+            self.counters["bad_initialpose"] += 1
+            self.get_logger().warning(f"initialpose in frame '{msg.header.frame_id}' rejected; expected "
+                                      f"'{self.p['global_frame_id']}'")
+            return
+        try:
+            mean = pose_to_xyyaw(msg.pose.pose)
+            self._init_pose(mean, cov6_to_cov3(msg.pose.covariance))
+        except (PoseInputError, ValueError) as exc:
+            self.counters["bad_initialpose"] += 1
+            self.get_logger().warning(f"initialpose rejected: {exc}")
+
+    def _init_pose(self, mean: Any, cov: np.ndarray) -> None:
+        with self._lock:
+            self.localizer.init_pose(np.asarray(mean, dtype=np.float64), cov)
+            self.last_stamp = None
+            self._pending_global = False
+        self.get_logger().info(f"tracking from initial pose ({float(mean[0]):.2f}, {float(mean[1]):.2f}, "
+                               f"{float(mean[2]):.2f}) with {self.localizer.config.tracking_particles} particles")
+
+    def _on_map_info(self, msg: String) -> None:
+        try:
+            info = json.loads(msg.data)
+            with self._lock:
+                self._map_ids = {int(info["num_views"]): [str(i) for i in info["ids"]]}
+        except (ValueError, KeyError, TypeError) as exc:
+            self.get_logger().warning(f"unreadable map info ignored: {exc}")
+
+    def _on_map(self, msg: PointCloud2) -> None:
+        info = self.model.info
+        try:
+            n = int(msg.width) * int(msg.height)
+            vm = pointcloud_to_view_map(msg, fingerprint=info.fingerprint, embed_shape=info.embed_shape,
+                                        meters_per_unit=info.meters_per_unit, ids=self._map_ids.get(n))
+            if vm.frame_id != self.p["global_frame_id"]:
+                raise MapError(f"map in frame '{vm.frame_id}', expected '{self.p['global_frame_id']}'")
+            with self._lock:
+                for w in self.localizer.set_map(vm):
+                    self.get_logger().warning(w)
+                if len(vm) and (self._pending_global or (self.p["global_localization_on_map"]
+                                                         and not self.localizer.initialized)):
+                    self._init_global()
+        except (FingerprintMismatchError, MapError) as exc:
+            self.counters["bad_maps"] += 1
+            self.get_logger().error(f"map rejected: {exc}")
+            return
+        self.get_logger().info(f"map received: {len(vm)} views")
+        self._publish_context_markers()
+
+    def _init_global(self) -> None:
+        with self._lock:
+            self.localizer.init_global()
+            self.last_stamp = None
+            self._pending_global = False
+        self.get_logger().info(f"global localization with {self.localizer.config.max_particles} particles")
+
+    def _on_global(self, _req: Empty.Request, resp: Empty.Response) -> Empty.Response:
+        with self._lock:
+            if self.localizer.has_map:
+                self._init_global()
+            else:
+                self._pending_global = True
+                self.get_logger().warning("no map yet: global localization starts when one arrives")
+        return resp
+
+    def _on_nomotion(self, _req: Empty.Request, resp: Empty.Response) -> Empty.Response:
+        with self._lock:
+            self._force_update = True
+            self._nomotion_request = True
+        return resp
+
+    # ---- filtering --------------------------------------------------------------------------
+    def _take_frame(self) -> tuple[float, Any] | None:
+        """The newest frame, once odometry covers its stamp (or waited transform_tolerance)."""
+        with self._lock:
+            if self._pending is None:
+                return None
+            stamp, msg, arrived = self._pending
+            if self._odom_seen and self.odom.pose_at(stamp) is None:
+                latest = self.odom.latest_stamp
+                waited = time.monotonic() - arrived
+                if latest is not None and latest < stamp and waited < float(self.p["transform_tolerance"]):
+                    return None  # odometry for this stamp is probably still on its way
+                self._pending = None
+                self.counters["no_odom"] += 1
+                self.get_logger().warning(f"frame at {stamp:.3f} dropped: no odometry at its stamp",
+                                          throttle_duration_sec=5.0)
+                return None
+            self._pending = None
+            return stamp, msg
+
+    def _work(self) -> None:
+        frame = self._take_frame()
+        if frame is None:
+            if self._nomotion_request and self._last_rgb is not None and self.localizer.ready:
+                self._nomotion_request = False
+                self._run(self.last_stamp or 0.0, self._last_rgb, None)
+            self._resend_tf()
+            return
+        stamp, msg = frame
+        try:
+            rgb = compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
+        except DmnError as exc:
+            self.counters["bad_images"] += 1
+            self.get_logger().warning(f"frame dropped: {exc}", throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            if not self.localizer.ready:
+                self.counters["dropped_not_ready"] += 1
+                return
+            if self.last_stamp is not None and stamp <= self.last_stamp:
+                self.counters["out_of_order"] += 1
+                self.get_logger().warning(f"frame at {stamp:.3f} not after the last update "
+                                          f"({self.last_stamp:.3f}): dropped", throttle_duration_sec=5.0)
+                return
+            delta = None
+            if self.last_stamp is not None and self._odom_seen:
+                delta = self.odom.egomotion(self.last_stamp, stamp)
+                if delta is None:
+                    self.counters["no_odom"] += 1
+                    return
+                small = math.hypot(delta[0], delta[1]) < float(self.p["update_min_d"]) and abs(delta[2]) < float(
+                    self.p["update_min_a"])
+                if small and not self._force_update:
+                    self.counters["skipped_small_motion"] += 1
+                    self._resend_tf()
+                    return
+            self._force_update = False
+            self._nomotion_request = False
+            self._last_rgb = rgb
+        self._run(stamp, rgb, delta)
+
+    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None) -> None:
+        with self._lock:
+            try:
+                est = self.localizer.step(rgb, delta)
+            except (DmnError, ValueError, RuntimeError) as exc:
+                self.counters["step_errors"] += 1
+                self.get_logger().error(f"filter step failed: {exc}")
+                return
+            self.last_stamp = stamp
+            self.last_estimate = est
+            self.counters["processed"] += 1
+            particles, weights = self.localizer.particles_metric(), self.localizer.weights()
+        self._publish(stamp, est, particles, weights)
+        self.get_logger().info(
+            f"step {self.counters['processed']}: ({est.mean[0]:.2f}, {est.mean[1]:.2f}, {est.mean[2]:.2f}) "
+            f"spread {est.spread:.2f} m, ESS {est.ess:.0f}/{est.num_particles}, {est.latency_ms:.0f} ms",
+            throttle_duration_sec=2.0,
+        )
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def _publish(self, stamp: float, est: Estimate, particles: np.ndarray, weights: np.ndarray) -> None:
+        frame = self.p["global_frame_id"]
+        stamp_msg = sec_to_stamp(stamp)
+        self.pose_pub.publish(pose_with_cov_msg(est.mean, est.covariance, stamp=stamp_msg, frame_id=frame))
+        top = np.argsort(-weights)[: int(self.p["max_published_particles"])]
+        if self.p["publish_particles"]:
+            cloud = PoseArray()
+            cloud.header.stamp, cloud.header.frame_id = stamp_msg, frame
+            cloud.poses = [xyyaw_to_pose(particles[i]) for i in top]
+            self.cloud_pub.publish(cloud)
+        m = Marker()
+        m.header.stamp, m.header.frame_id = stamp_msg, frame
+        m.ns, m.id, m.type, m.action = "particles", 0, Marker.POINTS, Marker.ADD
+        m.scale.x = m.scale.y = 0.15
+        m.pose.orientation.w = 1.0
+        m.points = [Point(x=float(particles[i, 0]), y=float(particles[i, 1]), z=0.05) for i in top]
+        m.colors = weight_colors(weights[top])
+        self.marker_pub.publish(MarkerArray(markers=[m]))
+        self._broadcast_tf(stamp, est.mean)
+
+    def _publish_context_markers(self) -> None:
+        poses = self.localizer.context_poses()
+        frame = self.p["global_frame_id"]
+        markers = [Marker(ns="contexts", id=0, action=Marker.DELETEALL)]
+        for i, pose in enumerate(poses):
+            m = Marker()
+            m.header.frame_id = frame
+            m.header.stamp = self.get_clock().now().to_msg()
+            m.ns, m.id, m.type, m.action = "contexts", i + 1, Marker.ARROW, Marker.ADD
+            m.pose = xyyaw_to_pose(pose)
+            m.scale.x, m.scale.y, m.scale.z = 1.0, 0.15, 0.15
+            m.color = ColorRGBA(r=0.1, g=0.8, b=0.1, a=1.0)
+            markers.append(m)
+        self.marker_pub.publish(MarkerArray(markers=markers))
+
+    def _broadcast_tf(self, stamp: float, map_to_base: np.ndarray) -> None:
+        if self.tf is None:
+            return
+        odom_pose = self.odom.pose_at(stamp)
+        if odom_pose is None:
+            return
+        mo = map_to_odom(map_to_base, odom_pose)
+        t = TransformStamped()
+        t.header.stamp = sec_to_stamp(stamp + float(self.p["transform_tolerance"]))  # nav2_amcl post-dates
+        t.header.frame_id, t.child_frame_id = self.p["global_frame_id"], self.p["odom_frame_id"]
+        t.transform.translation.x, t.transform.translation.y = float(mo[0]), float(mo[1])
+        q = yaw_to_quaternion(np.float64(mo[2]))
+        t.transform.rotation.x, t.transform.rotation.y, t.transform.rotation.z, t.transform.rotation.w = (
+            float(v) for v in q)
+        self._last_map_to_odom = t
+        self.tf.sendTransform(t)
+
+    def _resend_tf(self) -> None:
+        """Re-send the last map→odom while no update runs (REP-105: the robot may stand still)."""
+        if self.tf is None or self._last_map_to_odom is None:
+            return
+        t = self._last_map_to_odom
+        t.header.stamp = (self.get_clock().now() + rclpy.duration.Duration(
+            seconds=float(self.p["transform_tolerance"]))).to_msg()
+        self.tf.sendTransform(t)
+
+
+def main(args: list[str] | None = None) -> None:
+    import rclpy.executors
+
+    rclpy.init(args=args)
+    node = LocalizationNode()
+    executor = rclpy.executors.MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()

@@ -1,0 +1,238 @@
+"""mapping_node: pairs context images with poses, embeds them, and serves the view-embedding map.
+
+Subscribes ``image_topic`` (Image, or CompressedImage on ``<image_topic>/compressed``)
+and ``pose_topic`` (PoseStamped or PoseWithCovarianceStamped), pairs them by stamp
+within ``pair_tolerance``, embeds each pair with the model's CNN1 and publishes the
+whole map on ``map_topic`` (PointCloud2, layout in :mod:`dmn_ros.ros.conversions`)
+plus ``map_info_topic`` (JSON), both reliable + transient_local. Re-sent pairs
+(same image stamp) replace their view, so a publisher may repeat its contexts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+
+from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError
+from dmn_ros.export import LoadedModel, default_model_path, load_model
+from dmn_ros.localizer import embed_images, resolve_device
+from dmn_ros.maps import ViewMap
+from dmn_ros.ros import params
+from dmn_ros.ros.conversions import (
+    PoseInputError,
+    compressed_msg_to_rgb,
+    image_msg_to_rgb,
+    map_info_json,
+    pose_to_xyyaw,
+    stamp_to_sec,
+    view_map_to_pointcloud,
+)
+
+MAP_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+"""Latched map: late localizers get the current map at once."""
+CONTEXT_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+"""Context inputs: reliable (contexts are rare and precious), volatile so that any publisher matches."""
+
+
+class MappingNode(Node):
+    """Keeps one :class:`~dmn_ros.maps.ViewMap` and publishes it whenever it changes."""
+
+    def __init__(self, *, model: LoadedModel | None = None, **kwargs: Any) -> None:
+        super().__init__("mapping_node", **kwargs)
+        self.p = params.declare(self, params.MAPPING)
+        log = self.get_logger()
+        self.model = model or load_model(self.p["model_path"] or default_model_path(),
+                                         device=resolve_device(self.p["device"]))
+        self.view_map = ViewMap.for_model(self.model.info, frame_id=self.p["global_frame_id"])
+        self.counters = {"paired": 0, "unpaired_images": 0, "unpaired_poses": 0, "bad_images": 0, "bad_poses": 0}
+        """How many inputs were used or dropped, by reason."""
+        self._lock = threading.Lock()
+        self._images: deque[tuple[float, int, np.ndarray]] = deque()
+        self._poses: deque[tuple[float, np.ndarray]] = deque()
+        self._id_of_stamp: dict[int, str] = {}
+        self._next_index = 0
+        self._dirty = False
+        self._autosave = bool(self.p["autosave"])
+        self.map_file = Path(self.p["map_file"]).expanduser() if self.p["map_file"] else None
+        if self.map_file is not None and self.map_file.is_file():
+            try:
+                loaded = ViewMap.load(self.map_file, expected_fingerprint=self.model.info.fingerprint)
+                loaded.frame_id = self.p["global_frame_id"]
+                self.view_map = loaded
+                self._next_index = len(loaded)
+                log.info(f"loaded {len(loaded)} views from {self.map_file}")
+            except (FingerprintMismatchError, MapError) as exc:
+                self._autosave = False
+                log.error(f"{exc}; starting with an empty map and autosave off to keep that file")
+
+        self.map_pub = self.create_publisher(PointCloud2, self.p["map_topic"], MAP_QOS)
+        self.info_pub = self.create_publisher(String, self.p["map_info_topic"], MAP_QOS)
+        if self.p["use_compressed"]:
+            self.create_subscription(CompressedImage, self.p["image_topic"] + "/compressed", self._on_image,
+                                     CONTEXT_QOS)
+        else:
+            self.create_subscription(Image, self.p["image_topic"], self._on_image, CONTEXT_QOS)
+        pose_type = {"PoseStamped": PoseStamped, "PoseWithCovarianceStamped": PoseWithCovarianceStamped}
+        if self.p["pose_type"] not in pose_type:
+            raise DmnError(f"pose_type must be one of {sorted(pose_type)}, got {self.p['pose_type']!r}")
+        self.create_subscription(pose_type[self.p["pose_type"]], self.p["pose_topic"], self._on_pose, CONTEXT_QOS)
+        self.create_service(Trigger, "~/save_map", self._on_save)
+        self.create_service(Trigger, "~/clear_map", self._on_clear)
+        self.create_timer(0.2, self._flush)
+        self._publish()
+        log.info(
+            f"mapping with model {self.model.info.fingerprint} on {self.model.device}; "
+            f"{len(self.view_map)} views; map on '{self.p['map_topic']}'"
+        )
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        stamp = stamp_to_sec(msg.header.stamp)
+        try:
+            rgb = compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
+        except DmnError as exc:
+            self.counters["bad_images"] += 1
+            self.get_logger().warning(f"context image dropped: {exc}", throttle_duration_sec=5.0)
+            return
+        ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        with self._lock:
+            self._images.append((stamp, ns, rgb))
+            self._trim(self._images, "unpaired_images")
+        self._pair()
+
+    def _on_pose(self, msg: PoseStamped | PoseWithCovarianceStamped) -> None:
+        pose_msg = msg.pose.pose if isinstance(msg, PoseWithCovarianceStamped) else msg.pose
+        frame = msg.header.frame_id
+        if frame and frame != self.p["global_frame_id"]:
+            self.counters["bad_poses"] += 1
+            self.get_logger().warning(f"context pose in frame '{frame}', expected "
+                                      f"'{self.p['global_frame_id']}': dropped", throttle_duration_sec=5.0)
+            return
+        try:
+            pose = pose_to_xyyaw(pose_msg)
+        except PoseInputError as exc:
+            self.counters["bad_poses"] += 1
+            self.get_logger().warning(f"context pose dropped: {exc}", throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            self._poses.append((stamp_to_sec(msg.header.stamp), pose))
+            self._trim(self._poses, "unpaired_poses")
+        self._pair()
+
+    def _trim(self, q: deque, counter: str) -> None:
+        while len(q) > int(self.p["max_unpaired"]):
+            q.popleft()
+            self.counters[counter] += 1
+            self.get_logger().warning(
+                f"{counter.replace('_', ' ')}: {self.counters[counter]} so far (no partner within "
+                f"{self.p['pair_tolerance']} s)", throttle_duration_sec=5.0,
+            )
+
+    def _pair(self) -> None:
+        """Match each image with the nearest pose in stamp; embed every pair found."""
+        tol = float(self.p["pair_tolerance"])
+        found: list[tuple[int, np.ndarray, np.ndarray]] = []
+        with self._lock:
+            for item in list(self._images):
+                stamp, ns, rgb = item
+                if not self._poses:
+                    break
+                j = int(np.argmin([abs(s - stamp) for s, _ in self._poses]))
+                if abs(self._poses[j][0] - stamp) <= tol:
+                    pose = self._poses[j][1]
+                    del self._poses[j]
+                    self._images.remove(item)
+                    found.append((ns, rgb, pose))
+        if found:
+            self.add_contexts([f[1] for f in found], np.stack([f[2] for f in found]), stamps_ns=[f[0] for f in found])
+
+    # ---- map editing ------------------------------------------------------------------------
+    def add_contexts(self, images: list[np.ndarray], poses: np.ndarray, *, stamps_ns: list[int] | None = None) -> None:
+        """Embed RGB ``images`` with metric ``poses (n, 3)`` and add them (re-sent stamps replace views)."""
+        emb = embed_images(self.model, images)
+        ids = []
+        with self._lock:
+            for k in range(len(images)):
+                ns = stamps_ns[k] if stamps_ns is not None else None
+                if ns is not None and ns in self._id_of_stamp:
+                    ids.append(self._id_of_stamp[ns])
+                    continue
+                vid = f"{self.p['robot_id']}/{self._next_index:06d}"
+                self._next_index += 1
+                if ns is not None:
+                    self._id_of_stamp[ns] = vid
+                ids.append(vid)
+            self.view_map.add(embeddings=emb, poses=poses, ids=ids)
+            self.counters["paired"] += len(images)
+            self._dirty = True
+
+    def _flush(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, False
+        if not dirty:
+            return
+        self._publish()
+        if self._autosave and self.map_file is not None:
+            self._save()
+
+    def _publish(self) -> None:
+        with self._lock:
+            snapshot = self.view_map.copy()
+        self.map_pub.publish(view_map_to_pointcloud(snapshot, stamp=self.get_clock().now().to_msg()))
+        self.info_pub.publish(String(data=map_info_json(snapshot)))
+        self.get_logger().info(f"map: {len(snapshot)} views (unpaired images {self.counters['unpaired_images']}, "
+                               f"poses {self.counters['unpaired_poses']})", throttle_duration_sec=2.0)
+
+    def _save(self) -> str:
+        assert self.map_file is not None
+        with self._lock:
+            snapshot = self.view_map.copy()
+        snapshot.save(self.map_file)
+        return f"saved {len(snapshot)} views to {self.map_file}"
+
+    def _on_save(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.map_file is None:
+            resp.success, resp.message = False, "map_file parameter is empty"
+            return resp
+        try:
+            resp.message = self._save()
+            resp.success = True
+        except OSError as exc:
+            resp.success, resp.message = False, f"save failed: {exc}"
+        return resp
+
+    def _on_clear(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            n = len(self.view_map)
+            self.view_map.clear()
+            self._images.clear()
+            self._poses.clear()
+            self._id_of_stamp.clear()
+            self._dirty = True
+        self._flush()
+        resp.success, resp.message = True, f"cleared {n} views"
+        return resp
+
+
+def main(args: list[str] | None = None) -> None:
+    import rclpy.executors
+
+    rclpy.init(args=args)
+    node = MappingNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()

@@ -1,0 +1,97 @@
+"""Every node parameter with its default and meaning, in one place (nav2_amcl style).
+
+``config/dmn_localize.yaml`` lists the same names; a test checks that every
+parameter declared here appears there. ``use_sim_time`` is declared by rclpy itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rcl_interfaces.msg import ParameterDescriptor
+
+ParamTable = dict[str, tuple[Any, str]]
+
+COMMON: ParamTable = {
+    "model_path": ("", "exported model file; empty: dmn_ros.export.default_model_path()"),
+    "device": ("auto", "torch device: auto (cuda if available), cpu or cuda"),
+    "global_frame_id": ("map", "frame of the map, contexts and published poses"),
+    "map_topic": ("dmn_map", "view-embedding map (PointCloud2, reliable + transient_local)"),
+    "map_info_topic": ("dmn_map_info", "map metadata JSON (std_msgs/String, reliable + transient_local)"),
+}
+
+MAPPING: ParamTable = {
+    **COMMON,
+    "image_topic": ("context/image", "context images (sensor_msgs/Image or CompressedImage)"),
+    "use_compressed": (False, "subscribe CompressedImage on image_topic + '/compressed'"),
+    "pose_topic": ("context/pose", "context poses in global_frame_id"),
+    "pose_type": ("PoseStamped", "PoseStamped or PoseWithCovarianceStamped"),
+    "pair_tolerance": (0.05, "max |image stamp - pose stamp| (s) to pair a context"),
+    "max_unpaired": (50, "unpaired messages kept per side before the oldest is dropped and counted"),
+    "robot_id": ("robot1", "prefix of the stable view ids, '<robot_id>/<index>'"),
+    "map_file": ("", "safetensors map loaded on start and autosaved; empty: in memory only"),
+    "autosave": (True, "save map_file atomically after every change"),
+}
+
+LOCALIZATION: ParamTable = {
+    **COMMON,
+    "odom_frame_id": ("odom", "odometry frame (REP-105)"),
+    "base_frame_id": ("base_link", "robot base frame"),
+    "image_topic": ("camera/image", "query camera (sensor_msgs/Image or CompressedImage)"),
+    "use_compressed": (False, "subscribe CompressedImage on image_topic + '/compressed'"),
+    "odom_topic": ("odom", "nav_msgs/Odometry used for egomotion between image stamps"),
+    "max_particles": (2048, "particles for global localization"),
+    "tracking_particles": (256, "particles when tracking from an initial pose"),
+    "update_min_d": (0.2, "translation (m) since the last update needed for a new filter update"),
+    "update_min_a": (0.1, "rotation (rad) since the last update needed for a new filter update"),
+    "transform_tolerance": (1.0, "s: odometry extrapolation allowed, and map->odom post-dating"),
+    "set_initial_pose": (False, "start tracking from initial_pose.* instead of waiting"),
+    "initial_pose.x": (0.0, "m"),
+    "initial_pose.y": (0.0, "m"),
+    "initial_pose.yaw": (0.0, "rad"),
+    "initial_pose.std_xy": (6.0, "m, std of the initial belief (paper tracking: 6 m)"),
+    "initial_pose.std_yaw": (math.radians(30.0), "rad, std of the initial belief (paper: 30 deg)"),
+    "global_localization_on_map": (False, "start global localization when the first map arrives"),
+    "motion_noise_xy": (0.2, "m, per-step std of the particles' translation noise"),
+    "motion_noise_yaw": (0.05, "rad, per-step std of the particles' rotation noise"),
+    "resample_threshold": (0.5, "systematic resampling when ESS < threshold * K"),
+    "random_seed": (0, "seed of the filter's random generator"),
+    "tf_broadcast": (True, "broadcast map->odom (needs tf2_ros importable)"),
+    "process_rate": (20.0, "Hz of the worker that filters the newest frame"),
+    "publish_particles": (True, "publish particle_cloud (PoseArray)"),
+    "max_published_particles": (512, "particles in particle_cloud / markers (highest weights)"),
+    "odom_buffer_s": (30.0, "s of odometry kept for interpolation"),
+}
+
+SIM: ParamTable = {
+    "global_frame_id": ("map", "frame of ground truth and contexts"),
+    "odom_frame_id": ("odom", "odometry frame"),
+    "base_frame_id": ("base_link", "robot frame"),
+    "camera_frame_id": ("camera", "frame of the camera images"),
+    "domain": ("maze", "worlds domain: maze or rooms"),
+    "world_seed": (20_000_000, "world to build (test split from 20 000 000)"),
+    "image_size": (32, "square image side in pixels"),
+    "image_encoding": ("rgb8", "rgb8 or bgr8"),
+    "rate": (2.0, "Hz of camera/odometry publishing; 0: driven by step() calls only"),
+    "trajectory_steps": (400, "length of the stored trajectory the robot drives along (then reversed)"),
+    "num_contexts": (32, "context image-pose pairs published for the mapping node"),
+    "contexts_from": ("free_space", "free_space (random free poses) or trajectory (a second stored drive)"),
+    "odom_noise_xy": (0.02, "m, per-step std of odometry translation noise"),
+    "odom_noise_yaw": (0.01, "rad, per-step std of odometry rotation noise"),
+    "publish_clock": (False, "publish /clock with simulated time (use with use_sim_time)"),
+    "camera_topic": ("camera/image", "query images"),
+    "odom_topic": ("odom", "nav_msgs/Odometry"),
+    "ground_truth_topic": ("ground_truth", "PoseStamped truth in global_frame_id"),
+    "context_image_topic": ("context/image", "context images for the mapping node"),
+    "context_pose_topic": ("context/pose", "context poses for the mapping node"),
+}
+
+
+def declare(node: Any, table: ParamTable) -> dict[str, Any]:
+    """Declare ``table`` on ``node`` and return the current values (YAML/overrides applied)."""
+    out: dict[str, Any] = {}
+    for name, (default, doc) in table.items():
+        node.declare_parameter(name, default, ParameterDescriptor(description=doc))
+        out[name] = node.get_parameter(name).value
+    return out
