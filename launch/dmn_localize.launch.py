@@ -1,0 +1,62 @@
+"""Launch DMN visual localization on a ROS 2 install: ``ros2 launch dmn_ros dmn_localize.launch.py``.
+
+Starts ``localization_node`` and, with ``start_mapping:=true``, ``mapping_node``;
+``demo:=true`` adds ``sim_node`` (a simulated maze robot). Parameters come from
+``params_file`` (default: the package's ``config/dmn_localize.yaml``); ``model`` and
+``map_file`` override the file's ``model_path`` / ``map_file`` when non-empty.
+Here (pip-installed ROS, no ``launch``) ``make demo`` composes the same nodes with the
+same YAML in one process instead (``dmn_ros/demo.py``).
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch_ros.actions import Node
+
+from launch import LaunchDescription
+
+
+def _nodes(context, *_args, **_kwargs) -> list:
+    """Built at launch time so that empty ``model``/``map_file`` arguments leave the YAML's values alone."""
+    cfg = context.launch_configurations
+    params_file = cfg["params_file"]
+    use_sim_time = cfg["use_sim_time"].lower() in ("true", "1", "yes")
+    loc_over = {"use_sim_time": use_sim_time}
+    map_over = {"use_sim_time": use_sim_time}
+    if cfg["model"]:
+        loc_over["model_path"] = map_over["model_path"] = cfg["model"]
+    if cfg["map_file"]:
+        map_over["map_file"] = cfg["map_file"]
+    common = {
+        "namespace": cfg["namespace"],
+        "output": "screen",
+        "arguments": ["--ros-args", "--log-level", cfg["log_level"]],
+    }
+    nodes = [
+        Node(package="dmn_ros", executable="localization_node", name="localization_node",
+             parameters=[params_file, loc_over], **common),
+    ]
+    if cfg["start_mapping"].lower() in ("true", "1", "yes"):
+        nodes.append(Node(package="dmn_ros", executable="mapping_node", name="mapping_node",
+                          parameters=[params_file, map_over], **common))
+    if cfg["demo"].lower() in ("true", "1", "yes"):
+        nodes.append(Node(package="dmn_ros", executable="sim_node", name="sim_node",
+                          parameters=[params_file, {"use_sim_time": use_sim_time}], **common))
+    return nodes
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory("dmn_ros")
+    default_params = os.path.join(share, "config", "dmn_localize.yaml")
+    args = [
+        DeclareLaunchArgument("namespace", default_value="", description="namespace of all nodes"),
+        DeclareLaunchArgument("params_file", default_value=default_params, description="ROS 2 parameters YAML"),
+        DeclareLaunchArgument("model", default_value="", description="exported model (.pt); empty: YAML/shipped"),
+        DeclareLaunchArgument("map_file", default_value="", description="view-embedding map (.safetensors)"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock"),
+        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
+        DeclareLaunchArgument("start_mapping", default_value="true", description="start mapping_node"),
+        DeclareLaunchArgument("demo", default_value="false", description="add sim_node (simulated maze robot)"),
+    ]
+    return LaunchDescription([*args, OpaqueFunction(function=_nodes)])

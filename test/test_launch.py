@@ -1,0 +1,106 @@
+"""The launch file and YAML name only things that exist, and the YAML covers every declared parameter.
+
+``launch`` is not importable here, so the launch file is parsed with ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+from dmn_ros.ros import params
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch" / "dmn_localize.launch.py"
+YAML = ROOT / "config" / "dmn_localize.yaml"
+TABLES = {"mapping_node": params.MAPPING, "localization_node": params.LOCALIZATION, "sim_node": params.SIM}
+
+
+def _console_scripts() -> set[str]:
+    text = (ROOT / "setup.py").read_text()
+    return set(re.findall(r'"\s*([\w-]+)\s*=\s*[\w.]+:\w+"', text))
+
+
+def _call_kwargs(tree: ast.AST, func: str) -> list[dict[str, object]]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == func:
+            kw = {k.arg: k.value.value for k in node.keywords if isinstance(k.value, ast.Constant)}
+            if func == "DeclareLaunchArgument" and node.args and isinstance(node.args[0], ast.Constant):
+                kw["name"] = node.args[0].value
+            out.append(kw)
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _node_params(doc: dict, node: str) -> dict[str, object]:
+    merged = _flatten(doc.get("/**", {}).get("ros__parameters", {}))
+    merged.update(_flatten(doc.get(node, {}).get("ros__parameters", {})))
+    return merged
+
+
+def test_launch_file_parses_and_names_existing_things():
+    tree = ast.parse(LAUNCH.read_text())
+    nodes = _call_kwargs(tree, "Node")
+    executables = {n["executable"] for n in nodes}
+    assert executables == {"localization_node", "mapping_node", "sim_node"}
+    assert executables <= _console_scripts()
+    assert all(n["package"] == "dmn_ros" for n in nodes)
+    assert {n["name"] for n in nodes} == set(TABLES)
+    for n in nodes:  # each node name has a section in the YAML
+        assert n["name"] in yaml.safe_load(YAML.read_text())
+    args = {a["name"] for a in _call_kwargs(tree, "DeclareLaunchArgument")}
+    assert args == {"namespace", "params_file", "model", "map_file", "use_sim_time", "log_level",
+                    "start_mapping", "demo"}
+    # Files it names exist in the source tree (and setup.py installs config/* and launch/*).
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert "config" in strings and "dmn_localize.yaml" in strings
+    assert YAML.is_file() and (ROOT / "config" / "dmn_localize.rviz").is_file()
+    setup = (ROOT / "setup.py").read_text()
+    assert 'glob("config/*")' in setup and 'glob("launch/*.py")' in setup
+    assert (ROOT / "package.xml").is_file() and (ROOT / "resource" / "dmn_ros").is_file()
+
+
+def test_yaml_covers_every_declared_parameter_and_nothing_else():
+    doc = yaml.safe_load(YAML.read_text())
+    assert set(_flatten(doc["/**"]["ros__parameters"])) <= set(params.COMMON) | {"use_sim_time"}
+    for node, table in TABLES.items():
+        values = _node_params(doc, node)
+        missing = set(table) - set(values)
+        assert not missing, f"{node}: parameters missing from the YAML: {sorted(missing)}"
+        # Node sections name only that node's parameters; `/**` holds shared ones (sim_node ignores those).
+        own = set(_flatten(doc.get(node, {}).get("ros__parameters", {})))
+        unknown = own - set(table) - {"use_sim_time"}
+        assert not unknown, f"{node}: YAML names undeclared parameters: {sorted(unknown)}"
+        for name, (default, _doc) in table.items():  # same type as the declared default
+            v = values[name]
+            if isinstance(default, float):
+                assert isinstance(v, (int, float)) and not isinstance(v, bool), (node, name)
+            else:
+                assert type(v) is type(default), (node, name, v)
+
+
+def test_nodes_declare_exactly_their_table():
+    """Node modules declare parameters only through params.declare with their table."""
+    for mod, table in (("mapping_node", "MAPPING"), ("localization_node", "LOCALIZATION"), ("sim_node", "SIM")):
+        src = (ROOT / "dmn_ros" / "ros" / f"{mod}.py").read_text()
+        assert f"params.declare(self, params.{table})" in src
+        assert src.count("declare_parameter") == 0
+
+
+def test_rviz_config_shows_required_topics():
+    rviz = yaml.safe_load((ROOT / "config" / "dmn_localize.rviz").read_text())
+    topics = {d["Topic"]["Value"] for d in rviz["Visualization Manager"]["Displays"] if "Topic" in d}
+    assert {"/camera/image", "/particle_cloud", "/dmn_markers", "/dmn_pose", "/dmn_map"} <= topics
