@@ -104,3 +104,10 @@ def test_rviz_config_shows_required_topics():
     rviz = yaml.safe_load((ROOT / "config" / "dmn_localize.rviz").read_text())
     topics = {d["Topic"]["Value"] for d in rviz["Visualization Manager"]["Displays"] if "Topic" in d}
     assert {"/camera/image", "/particle_cloud", "/dmn_markers", "/dmn_pose", "/dmn_map"} <= topics
+
+
+def test_demo_without_model_fails_clearly(tmp_path, capsys):
+    from dmn_ros.demo import main
+
+    assert main(["--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "no trained model" in capsys.readouterr().err

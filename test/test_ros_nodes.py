@@ -25,6 +25,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 from std_srvs.srv import Empty, Trigger  # noqa: E402
 
 from dmn_ros.export import default_model_path, export_model, load_model  # noqa: E402
+from dmn_ros.maps import ViewMap  # noqa: E402
 from dmn_ros.model import DMN  # noqa: E402
 from dmn_ros.ros.conversions import (  # noqa: E402
     cov3_to_cov6,
@@ -49,6 +50,7 @@ class Stack:
     """Three nodes plus a probe node in one context, spun by a background executor."""
 
     def __init__(self, model, tmp_path, *, loc_overrides=(), num_contexts=8):
+        self.model_fp = model.info.fingerprint
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
         kw = {"context": self.ctx}
@@ -145,7 +147,8 @@ def test_end_to_end_no_pose_before_map_and_init(stack):
     assert cov[0, 0] > 0 and cov[5, 5] > 0 and np.allclose(cov, cov.T)
     s.wait(lambda: len(s.clouds) > 0, what="particle cloud")
     assert len(s.clouds[-1].poses) == 128
-    assert (s.mapping._save() or True) and (s.call(Trigger, "mapping_node/save_map").success)
+    assert s.call(Trigger, "mapping_node/save_map").success
+    assert len(ViewMap.load(s.mapping.map_file, expected_fingerprint=s.model_fp)) == 8
 
 
 def test_initialpose_reseeds_and_global_spreads(stack):
