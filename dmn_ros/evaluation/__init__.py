@@ -1,0 +1,25 @@
+"""The paper's evaluation protocol: global localization success, tracking RMSE, baselines, curves."""
+
+from dmn_ros.evaluation.protocol import (
+    EpisodeSet,
+    EvalSettings,
+    closest_context_errors,
+    make_episode_set,
+    rmse,
+    run_filter,
+    success_rate,
+    success_threshold_m,
+    uninformed_errors,
+)
+
+__all__ = [
+    "EpisodeSet",
+    "EvalSettings",
+    "closest_context_errors",
+    "make_episode_set",
+    "rmse",
+    "run_filter",
+    "success_rate",
+    "success_threshold_m",
+    "uninformed_errors",
+]

@@ -1,0 +1,193 @@
+"""The paper's evaluation protocol on fixed, seeded episodes (SPEC "Evaluation protocol").
+
+* Global localization: uniform prior over the area and all yaws, K = 2048;
+  success = x-y error < 8.94 m in a 40 m area (scaled with the area's side).
+* Tracking: Gaussian prior σ 6 m / 30° whose *mean* is itself drawn around the
+  true first pose, K = 256; RMSE of the x-y error at t = 5.
+* Inference resampling: systematic, when ESS < K/2 (every number here used it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmn_ros.data import DatasetDir
+from dmn_ros.data.episodes import Episode, sample_episode_from_views
+from dmn_ros.filter import FilterConfig, encode_map, filter_step, init_gaussian, init_uniform
+from dmn_ros.filter.runner import ObservationModel
+from dmn_ros.geometry import MetricScale, compose
+
+PAPER_SUCCESS_M = 8.94  # sqrt(80 m²) in the paper's 40 m × 40 m environments
+PAPER_AREA_M = 40.0
+
+
+def success_threshold_m(area_size_m: float) -> float:
+    return PAPER_SUCCESS_M * area_size_m / PAPER_AREA_M
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: str = "global"
+    """``global`` or ``tracking``."""
+    num_particles: int = 2048
+    T: int = 5
+    num_contexts: int = 4
+    tracking_std: tuple[float, float, float] = (6.0, 6.0, 30.0)
+    """Meters, meters, degrees."""
+    transition_noise: tuple[float, float, float] = (0.3, 0.3, 3.0)
+    """Meters, meters, degrees per step."""
+    batch_episodes: int = 4
+    seed: int = 0
+
+
+@dataclass
+class EpisodeSet:
+    """Fixed evaluation episodes plus the area they live in."""
+
+    episodes: list[Episode]
+    area_size_m: float
+    bounds: tuple[float, float, float, float]
+    scale: MetricScale
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def make_episode_set(
+    data_dir: str,
+    *,
+    split: str = "test",
+    num_episodes: int = 100,
+    num_contexts: int = 16,
+    T: int = 20,
+    seed: int = 0,
+    odom_noise: tuple[float, float] = (0.1, math.radians(2.0)),
+    query_mode: str = "segment",
+) -> EpisodeSet:
+    """Seeded episodes with the paper's random contexts; the first ``Nc`` contexts of each are used at eval.
+
+    Drawing ``num_contexts`` up front and truncating means an Nc sweep compares
+    nested context sets on identical queries.
+    """
+    ds = DatasetDir(data_dir)
+    names = ds.env_names(split)
+    if not names:
+        raise ValueError(f"{data_dir}: split {split!r} is empty")
+    rng = np.random.default_rng(seed)
+    area = float(ds.meta.bounds[1] - ds.meta.bounds[0])
+    eps: list[Episode] = []
+    cache: dict[str, Any] = {}
+    for i in range(num_episodes):
+        name = names[i % len(names)]
+        if name not in cache:
+            cache = {name: ds.load_env(name)}  # keep one env in memory
+        eps.append(sample_episode_from_views(cache[name], rng, num_contexts=num_contexts, T=T,
+                                             query_mode=query_mode, context_mode="random",
+                                             odom_noise=odom_noise, area_size_m=area))
+    desc = {"data": data_dir, "split": split, "episodes": num_episodes, "seed": seed, "T": T,
+            "odom_noise": list(odom_noise), "query_mode": query_mode}
+    return EpisodeSet(eps, area, tuple(ds.meta.bounds), ds.meta.metric_scale(), desc)
+
+
+def _images(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.inference_mode()
+def run_filter(
+    model: ObservationModel,
+    episodes: EpisodeSet,
+    settings: EvalSettings,
+    *,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """x-y errors in meters, ``(E, T)``, of the filter's estimate on each episode and step."""
+    dev = torch.device(device)
+    scale = episodes.scale
+    g = torch.Generator(device=dev).manual_seed(settings.seed)
+    n = settings.transition_noise
+    cfg = FilterConfig(
+        transition_noise=(n[0] / scale.meters_per_unit, n[1] / scale.meters_per_unit, math.radians(n[2])),
+        resampling="systematic",
+    )
+    s = settings.tracking_std
+    std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))
+    norm_bounds = tuple(
+        (v - o) / scale.meters_per_unit
+        for v, o in zip(episodes.bounds, (scale.origin_x, scale.origin_x, scale.origin_y, scale.origin_y), strict=True)
+    )
+    errors = []
+    eps = episodes.episodes
+    for start in range(0, len(eps), settings.batch_episodes):
+        chunk = eps[start : start + settings.batch_episodes]
+        b = len(chunk)
+        nc = settings.num_contexts
+        ctx = torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(dev)
+        cpose = torch.stack([torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float()
+        truth = np.stack([e.query_poses[: settings.T] for e in chunk])  # (B, T, 3) metric
+        ego = torch.stack([torch.from_numpy(scale.delta_to_normalized(e.egomotion[: settings.T])) for e in chunk])
+        queries = torch.stack([_images(e.query_images[: settings.T]) for e in chunk]).to(dev)
+        pm = encode_map(model, images=ctx, poses=cpose.to(dev))
+        if settings.mode == "global":
+            belief = init_uniform(batch=b, num_particles=settings.num_particles, bounds=norm_bounds,  # type: ignore[arg-type]
+                                  generator=g, device=dev)
+        elif settings.mode == "tracking":
+            t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
+            offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
+            belief = init_gaussian(mean=compose(t0, torch.zeros_like(t0)) + offset, std=std,
+                                   num_particles=settings.num_particles, generator=g)
+        else:
+            raise ValueError(f"unknown mode {settings.mode!r}")
+        errs = np.zeros((b, settings.T))
+        for t in range(settings.T):
+            res = filter_step(model, belief=belief, prepared_map=pm, query=queries[:, t],
+                              egomotion=None if t == 0 else ego[:, t].float().to(dev), config=cfg, generator=g)
+            belief = res.belief
+            est = scale.to_metric(res.mean.double().cpu().numpy())
+            errs[:, t] = np.hypot(est[:, 0] - truth[:, t, 0], est[:, 1] - truth[:, t, 1])
+        errors.append(errs)
+    return np.concatenate(errors, axis=0)
+
+
+def closest_context_errors(episodes: EpisodeSet, *, num_contexts: int, T: int) -> np.ndarray:
+    """Distance from the truth to the nearest context pose: an upper bound for image-similarity methods."""
+    out = []
+    for e in episodes.episodes:
+        c = e.context_poses[:num_contexts, :2]
+        q = e.query_poses[:T, :2]
+        out.append(np.min(np.linalg.norm(q[:, None, :] - c[None], axis=-1), axis=1))
+    return np.stack(out)
+
+
+def uninformed_errors(episodes: EpisodeSet, settings: EvalSettings) -> np.ndarray:
+    """The prior's mean moved by odometry only (area center for global; offset guess for tracking)."""
+    rng = np.random.default_rng(settings.seed)
+    s = settings.tracking_std
+    out = []
+    cx = 0.5 * (episodes.bounds[0] + episodes.bounds[1])
+    cy = 0.5 * (episodes.bounds[2] + episodes.bounds[3])
+    for e in episodes.episodes:
+        if settings.mode == "global":
+            pose = np.array([cx, cy, 0.0])
+        else:
+            pose = e.query_poses[0] + rng.normal(size=3) * np.array([s[0], s[1], math.radians(s[2])])
+        errs = []
+        for t in range(settings.T):
+            if t > 0:
+                pose = compose(pose, e.egomotion[t])
+            errs.append(math.hypot(pose[0] - e.query_poses[t, 0], pose[1] - e.query_poses[t, 1]))
+        out.append(errs)
+    return np.asarray(out)
+
+
+def success_rate(errors: np.ndarray, threshold_m: float) -> np.ndarray:
+    """Share of episodes whose error at each step is under the threshold, ``(T,)``."""
+    return (errors < threshold_m).mean(axis=0)
+
+
+def rmse(errors: np.ndarray) -> np.ndarray:
+    """sqrt(mean over episodes of squared x-y error) at each step, ``(T,)``."""
+    return np.sqrt((errors**2).mean(axis=0))
