@@ -102,6 +102,8 @@ class EvalOptions:
     estimate_topic: str | None = None
     """Score this recorded pose topic instead of running the filter (e.g. ``/ground_truth``, ``/amcl_pose``)."""
     max_frames: int | None = None
+    only_stamps: tuple[float, ...] | None = None
+    """Process only the frames with these stamps (e.g. those a live node processed), to compare like with like."""
     device: str = "cpu"
     plots: bool = True
     progress: bool = True
@@ -287,11 +289,15 @@ def replay(data: BagData, localizer: Any, opts: EvalOptions) -> StepTrace:
         for t, p in zip(data.odom.stamps, data.odom.poses, strict=True):
             odom.add(float(t), p)
     trace = StepTrace()
+    wanted = None if opts.only_stamps is None else np.asarray(opts.only_stamps, dtype=np.float64)
     last: float | None = None
     n = len(data.frames) if opts.max_frames is None else min(opts.max_frames, len(data.frames))
     bar = tqdm(range(n), desc=data.path.name, unit="frame", disable=not opts.progress, leave=False, file=sys.stderr)
     for i in bar:
         stamp = float(data.frame_stamps[i])
+        if wanted is not None and not np.any(np.abs(wanted - stamp) < 1e-6):
+            trace.skipped["not_selected"] = trace.skipped.get("not_selected", 0) + 1
+            continue
         delta = None
         if last is not None and odom is not None:
             delta = odom.egomotion(last, stamp)
