@@ -274,7 +274,7 @@ def _pair_contexts(images: list[tuple[float, Any, str]], poses: PoseStream, tol:
         if abs(poses.stamps[j] - stamp) <= tol and j not in used and np.isfinite(poses.poses[j]).all():
             used.add(j)
             try:
-                out.append((stamp, _decode_image(msg, msgtype), poses.poses[j].copy()))
+                out.append((stamp, np.array(_decode_image(msg, msgtype)), poses.poses[j].copy()))
             except ImageDecodeError as exc:
                 raise BagReadError(f"{bag}: context image at {stamp:.3f} s: {exc}", path=bag) from exc
     return out
