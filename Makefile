@@ -31,9 +31,11 @@ $(STAMP): setup.py pyproject.toml | system-deps
 demo: setup
 	$(BIN)/dmn-demo
 
+# pytest exit 5 means no test was collected: a failure here, never a silent pass.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q test
+	$(BIN)/python -m pytest -q test; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check .

@@ -120,6 +120,7 @@ def sample_episode_from_views(
     query_mode: QueryMode | str = QueryMode.SEGMENT,
     context_mode: ContextMode | str = ContextMode.RANDOM,
     near_radius_m: float = 5.0,
+    near_yaw_deg: float = 180.0,
     far_fraction: float = 0.0,
     odom_noise: tuple[float, float] = (0.0, 0.0),
     area_size_m: float = 40.0,
@@ -127,7 +128,8 @@ def sample_episode_from_views(
     """Draw one episode; contexts are other views of the same environment, never the query frames.
 
     ``context_mode="near"`` takes contexts within ``near_radius_m`` of the first query
-    position (the nearest ones if too few are that close) and replaces a
+    position whose heading differs by at most ``near_yaw_deg`` (so they see what the
+    query sees; the nearest ones if too few qualify) and replaces a
     ``far_fraction`` of them by random views farther away, so attention learns to ignore them.
     """
     query_mode, context_mode = QueryMode(query_mode), ContextMode(context_mode)
@@ -151,11 +153,14 @@ def sample_episode_from_views(
         n_far = round(far_fraction * num_contexts)
         n_near = num_contexts - n_far
         dist = np.hypot(*(views.poses[pool, :2] - views.poses[q[0], :2]).T)
-        near_pool = pool[dist <= near_radius_m]
+        dyaw = np.abs(wrap_angle(views.poses[pool, 2] - views.poses[q[0], 2]))
+        ok = (dist <= near_radius_m) & (dyaw <= np.radians(near_yaw_deg))
+        near_pool = pool[ok]
         if len(near_pool) >= n_near:
             near = _choose(rng, near_pool, n_near)
-        else:
-            near = pool[np.argsort(dist, kind="stable")[:n_near]]
+        else:  # closest in position, heading mismatch counted as distance (1 rad ~ the radius)
+            score = dist + near_radius_m * np.maximum(dyaw - np.radians(near_yaw_deg), 0.0)
+            near = pool[np.argsort(score, kind="stable")[:n_near]]
         far_pool = np.setdiff1d(pool[dist > near_radius_m], near)
         far = _choose(rng, far_pool if len(far_pool) else np.setdiff1d(pool, near), n_far)
         c = rng.permutation(np.concatenate([near, far]))

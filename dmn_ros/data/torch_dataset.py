@@ -76,6 +76,7 @@ class _EpisodeStream(IterableDataset):
         query_mode: QueryMode | str,
         context_mode: ContextMode | str,
         near_radius_m: float,
+        near_yaw_deg: float = 180.0,
         far_fraction: float,
         odom_noise: tuple[float, float],
         seed: int,
@@ -90,7 +91,8 @@ class _EpisodeStream(IterableDataset):
         """None: yield single episodes; else yield batches of this size."""
         self.sample_kwargs: dict[str, Any] = {
             "T": self.T, "query_mode": QueryMode(query_mode), "context_mode": ContextMode(context_mode),
-            "near_radius_m": near_radius_m, "far_fraction": far_fraction, "odom_noise": tuple(odom_noise),
+            "near_radius_m": near_radius_m, "near_yaw_deg": near_yaw_deg, "far_fraction": far_fraction,
+            "odom_noise": tuple(odom_noise),
         }
         self.seed = int(seed)
         """Base seed; each worker derives its own stream from it."""
@@ -139,6 +141,7 @@ class EpisodeDataset(_EpisodeStream):
         query_mode: QueryMode | str = QueryMode.SEGMENT,
         context_mode: ContextMode | str = ContextMode.RANDOM,
         near_radius_m: float = 5.0,
+        near_yaw_deg: float = 180.0,
         far_fraction: float = 0.0,
         odom_noise: tuple[float, float] = (0.0, 0.0),
         seed: int = 0,
@@ -146,7 +149,8 @@ class EpisodeDataset(_EpisodeStream):
         cache_envs: int = 512,
     ) -> None:
         super().__init__(num_contexts=num_contexts, T=T, batch_size=batch_size, query_mode=query_mode,
-                         context_mode=context_mode, near_radius_m=near_radius_m, far_fraction=far_fraction,
+                         context_mode=context_mode, near_radius_m=near_radius_m, near_yaw_deg=near_yaw_deg,
+                         far_fraction=far_fraction,
                          odom_noise=odom_noise, seed=seed, num_episodes=num_episodes)
         self.root = str(root)
         self.split = split
@@ -200,12 +204,14 @@ class OnTheFlyEpisodes(_EpisodeStream):
         query_mode: QueryMode | str = QueryMode.SEGMENT,
         context_mode: ContextMode | str = ContextMode.RANDOM,
         near_radius_m: float = 5.0,
+        near_yaw_deg: float = 180.0,
         far_fraction: float = 0.0,
         odom_noise: tuple[float, float] = (0.0, 0.0),
         num_episodes: int | None = None,
     ) -> None:
         super().__init__(num_contexts=num_contexts, T=T, batch_size=batch_size, query_mode=query_mode,
-                         context_mode=context_mode, near_radius_m=near_radius_m, far_fraction=far_fraction,
+                         context_mode=context_mode, near_radius_m=near_radius_m, near_yaw_deg=near_yaw_deg,
+                         far_fraction=far_fraction,
                          odom_noise=odom_noise, seed=seed, num_episodes=num_episodes)
         self.domain, self.split, self.first_env_index = domain, split, int(first_env_index)
         self.image_size, self.fov_deg = tuple(image_size), float(fov_deg)

@@ -19,6 +19,8 @@ class Stage:
     context_mode: str = "random"
     """``near``: contexts around the query (easy); ``random``: the paper's protocol."""
     near_radius_m: float = 5.0
+    near_yaw_deg: float = 180.0
+    """Near contexts also face within this angle of the query, so they see the same scene."""
     far_fraction: float = 0.0
     num_contexts: tuple[int, int] = (4, 4)
     """Nc is drawn per batch from this inclusive range (GQN-style, so any Nc works at test time)."""
@@ -45,11 +47,17 @@ class TrainConfig:
     max_minutes: float = math.inf
     init_std: tuple[float, float, float] = (6.0, 6.0, 30.0)
     """Tracking prior σ in meters, meters, degrees (paper: 6 m, 6 m, 30°)."""
+    init_offset: bool = False
+    """Draw the prior's mean itself around the truth (σ above) instead of centering it on the truth.
+
+    Centered, the prior's mean already is the answer and the loss barely rewards a
+    good observation model; offset, the filter must move the estimate to the truth.
+    """
     transition_noise: tuple[float, float, float] = (0.2, 0.2, 5.0)
     """Motion noise σ in meters, meters, degrees."""
     soft_alpha: float = 0.5
     yaw_weight: float = 0.5
-    nll_weight: float = 0.1
+    nll_weight: float = 0.0
     """Weight of the mixture NLL added to the paper's MSE (0 disables it)."""
     nll_std: tuple[float, float] = (1.0, 10.0)
     """Kernel σ of the NLL in meters and degrees."""
@@ -75,14 +83,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _number_or_str(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-4`` as a string; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(name: str, value: Any) -> Any:
+    value = _number_or_str(value)
     if name == "curriculum":
         return tuple(
             Stage(**{**s, "num_contexts": tuple(s.get("num_contexts", (4, 4)))}) if isinstance(s, dict) else s
             for s in value
         )
     if isinstance(value, list):
-        return tuple(value)
+        return tuple(_number_or_str(v) for v in value)
     return value
 
 

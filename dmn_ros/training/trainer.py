@@ -64,7 +64,10 @@ class EpisodeLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(loss, mse of the last step)``; batch tensors are already normalized."""
         truth = batch["query_poses"]  # (B, T, 3)
-        belief = init_gaussian(mean=truth[:, 0], std=self.init_std, num_particles=self.cfg.num_particles)
+        mean = truth[:, 0]
+        if self.cfg.init_offset:
+            mean = mean + torch.randn_like(mean) * mean.new_tensor(self.init_std)
+        belief = init_gaussian(mean=mean, std=self.init_std, num_particles=self.cfg.num_particles)
         pm = encode_map(self.model, images=batch["context_images"], poses=batch["context_poses"])
         results, _ = run_episode(
             self.model,
@@ -232,7 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             ds = EpisodeDataset(
                 cfg.data, "train", num_contexts=stage.num_contexts, T=cfg.T, batch_size=cfg.batch_size,
                 query_mode=cfg.query_mode, context_mode=stage.context_mode, near_radius_m=stage.near_radius_m,
-                far_fraction=stage.far_fraction, odom_noise=cfg.odom_noise,
+                near_yaw_deg=stage.near_yaw_deg, far_fraction=stage.far_fraction, odom_noise=cfg.odom_noise,
                 seed=cfg.seed * 1_000_003 + step * 101 + dist_info.rank,
             )
             stream = iter(ds)

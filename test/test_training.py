@@ -1,0 +1,86 @@
+"""dmn-train end to end on a tiny rendered dataset: checkpoints, resume, export, DDP under torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmn_ros.export import load_model, weights_fingerprint
+from dmn_ros.training.config import Stage, load_config
+from dmn_ros.training.trainer import CHECKPOINT_BEST, CHECKPOINT_LAST, load_checkpoint, model_from_checkpoint, train
+
+SMALL = ["batch_size=4", "num_particles=8", "val_every=2", "val_episodes=8", "checkpoint_minutes=0"]
+
+
+def test_config_yaml_and_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 0.01\ncurriculum:\n  - {until_step: 5, context_mode: near, num_contexts: [1, 2]}\n"
+                 "  - {until_step: 1000, context_mode: random}\n")
+    cfg = load_config(p, ["lr=2e-3", "model.attention=false", "init_std=[1, 2, 3]"])
+    assert cfg.lr == 0.002 and isinstance(cfg.lr, float)
+    assert cfg.model == {"attention": False} and cfg.init_std == (1, 2, 3)
+    assert cfg.stage_at(0) == Stage(until_step=5, context_mode="near", num_contexts=(1, 2))
+    assert cfg.stage_at(5).context_mode == "random" and cfg.stage_at(10**6).context_mode == "random"
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(None, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["lr"])
+
+
+def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data={tiny_dataset}", f"out={out}", "max_steps=3", *SMALL,
+                             "curriculum=[{until_step: 2, context_mode: near, num_contexts: [1, 2]},"
+                             " {until_step: 100, context_mode: random, num_contexts: [2, 3]}]"])
+    exported = train(cfg, progress=False)
+    state = load_checkpoint(out / CHECKPOINT_LAST)  # weights_only=True inside
+    assert state["step"] == 3
+    assert (out / CHECKPOINT_BEST).is_file() and any((out / "tb").iterdir())
+    loaded = load_model(exported)
+    best = model_from_checkpoint(load_checkpoint(out / CHECKPOINT_BEST))
+    assert loaded.info.fingerprint == weights_fingerprint(best)
+    assert loaded.info.meters_per_unit == 20.0 and (loaded.info.image_height, loaded.info.image_width) == (32, 32)
+
+    # Resume: continues from step 3 with the saved weights, not from scratch.
+    before = {k: v.clone() for k, v in state["model"].items()}
+    train(cfg.__class__(**{**cfg.__dict__, "max_steps": 5}), progress=False)
+    state2 = load_checkpoint(out / CHECKPOINT_LAST)
+    assert state2["step"] == 5
+    changed = any(not torch.equal(before[k], state2["model"][k]) for k in before)
+    assert changed
+
+
+def test_checkpoint_refuses_arbitrary_pickles(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # would run code under a plain torch.load
+            return (os.system, ("echo pwned",))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, p)
+    with pytest.raises(Exception, match=r"[Ww]eights only|weights_only|Unsupported"):
+        load_checkpoint(p)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dmn_ros.training.cli", "--device", "cpu", "--threads", "1",
+           f"data={tiny_dataset}", f"out={out}", "max_steps=2", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(out / CHECKPOINT_LAST)["step"] == 2
+    load_model(out / "model.pt")
