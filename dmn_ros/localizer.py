@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,14 +24,20 @@ from dmn_ros.export import LoadedModel
 from dmn_ros.filter import (
     Belief,
     FilterConfig,
+    Health,
+    HealthConfig,
+    HealthState,
     PreparedMap,
-    effective_sample_size,
+    assess,
     estimate,
     filter_step,
     init_gaussian,
     init_uniform,
+    inject_random_particles,
+    marginal_log_likelihood,
     prepare_map,
 )
+from dmn_ros.filter.health import after_injection
 from dmn_ros.geometry import MetricScale
 from dmn_ros.images import prepare_image
 from dmn_ros.maps import ViewMap
@@ -74,6 +80,17 @@ class LocalizerConfig:
     """Margin around the map's view positions for the default global prior."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Thresholds of the converged / lost rules (docs/health.md)."""
+    recovery_alpha_slow: float = 0.0
+    """nav2_amcl's ``recovery_alpha_slow``: long-term likelihood average for random-particle injection; 0 = off."""
+    recovery_alpha_fast: float = 0.0
+    """nav2_amcl's ``recovery_alpha_fast``: short-term average; injection needs both > 0."""
+    lost_updates_before_global: int = 0
+    """Restart global localization after this many consecutive ``lost`` updates; 0 = never."""
+    covariance_inflation: float | None = None
+    """x-y variance inflation applied to published covariances; None: the model's
+    ``config["covariance_inflation"]`` if it has one, else 1.0."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,10 @@ class Estimate:
     latency_ms: float
     """Wall time of the step (image preparation, model, filter)."""
     num_particles: int
+    health: Health | None = None
+    """Health signals of this update (ESS, likelihood averages, spreads, converged/lost, level)."""
+    recovery: str = ""
+    """Recovery taken after this update: ``""``, ``"injected <n>"`` or ``"global"``."""
 
 
 def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
@@ -124,6 +145,18 @@ class Localizer:
         self.belief: Belief | None = None
         self.mode: str = "uninitialized"
         """``uninitialized``, ``global`` or ``tracking``."""
+        self.health_state = HealthState()
+        """Running health values since the last (re)initialization."""
+        self.last_health: Health | None = None
+        self.recoveries: dict[str, int] = {"injections": 0, "injected_particles": 0, "global": 0}
+        """Recovery actions taken since construction."""
+        inflation = self.config.covariance_inflation
+        if inflation is None:
+            inflation = float(model.info.config.get("covariance_inflation", 1.0) or 1.0)
+        if not (math.isfinite(inflation) and inflation > 0.0):
+            raise ValueError(f"covariance_inflation must be > 0, got {inflation}")
+        self.covariance_inflation: float = float(inflation)
+        """x-y variance factor applied to every published covariance (calibration, docs/health.md)."""
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -203,6 +236,7 @@ class Localizer:
             device=self.device,
         )
         self.mode = "global"
+        self._reset_health()
 
     def init_pose(self, mean_metric: Sequence[float] | np.ndarray, cov_metric: np.ndarray) -> None:
         """Gaussian belief (tracking) around a metric pose with a metric ``(3, 3)`` covariance."""
@@ -225,11 +259,17 @@ class Localizer:
             generator=self.generator,
         )
         self.mode = "tracking"
+        self._reset_health()
+
+    def _reset_health(self) -> None:
+        self.health_state = HealthState()
+        self.last_health = None
 
     def reset(self) -> None:
         """Forget the belief (no output until re-initialized); the map stays."""
         self.belief = None
         self.mode = "uninitialized"
+        self._reset_health()
 
     # ---- filtering --------------------------------------------------------------------------
     def _query(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -260,6 +300,7 @@ class Localizer:
                 raise ValueError(f"egomotion {d} is not finite")
             d_n = self.scale.delta_to_normalized(d)
             delta = torch.tensor(d_n, dtype=torch.float32, device=self.device)[None]
+        prev_log_weights = self.belief.log_weights  # type: ignore[union-attr]
         res = filter_step(
             self.model.module,
             belief=self.belief,  # type: ignore[arg-type]
@@ -270,18 +311,59 @@ class Localizer:
             generator=self.generator,
         )
         self.belief = res.belief
-        ess = float(effective_sample_size(res.updated)[0])
+        c = self.config
+        marginal = float(marginal_log_likelihood(prev_log_weights, res.log_likelihood)[0])
+        self.health_state, health = assess(
+            self.health_state,
+            updated=res.updated,
+            log_marginal=marginal,
+            meters_per_unit=self.scale.meters_per_unit,
+            config=c.health,
+            recovery_alpha_slow=c.recovery_alpha_slow,
+            recovery_alpha_fast=c.recovery_alpha_fast,
+        )
+        self.last_health = health
         mean = self.scale.to_metric(res.mean[0].double().cpu().numpy())
-        cov = self._cov_to_metric(res.covariance[0].double().cpu().numpy())
+        raw_cov = self._cov_to_metric(res.covariance[0].double().cpu().numpy())
+        cov = raw_cov.copy()
+        cov[:2, :2] *= self.covariance_inflation
+        recovery = self._recover(health)
         latency = (time.perf_counter() - t0) * 1000.0
         return Estimate(
             mean=mean,
             covariance=cov,
-            ess=ess,
-            spread=float(math.sqrt(max(cov[0, 0] + cov[1, 1], 0.0))),
+            ess=health.ess,
+            spread=float(math.sqrt(max(raw_cov[0, 0] + raw_cov[1, 1], 0.0))),
             latency_ms=latency,
             num_particles=int(res.updated.num_particles),
+            health=health,
+            recovery=recovery,
         )
+
+    def _recover(self, health: Health) -> str:
+        """Global relocalization after ``lost_updates_before_global`` lost updates, else AMCL injection."""
+        n = self.config.lost_updates_before_global
+        if n > 0 and health.lost_streak >= n:
+            _log.warning("lost for %d updates: restarting global localization", health.lost_streak)
+            self.init_global()
+            self.recoveries["global"] += 1
+            return "global"
+        if health.injection_probability > 0.0 and self.belief is not None:
+            xmin, xmax, ymin, ymax = self.default_bounds()
+            lo = self.scale.to_normalized(np.array([xmin, ymin, 0.0]))
+            hi = self.scale.to_normalized(np.array([xmax, ymax, 0.0]))
+            self.belief, count = inject_random_particles(
+                self.belief,
+                probability=health.injection_probability,
+                bounds=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])),
+                generator=self.generator,
+            )
+            self.health_state = after_injection(self.health_state)
+            if count:
+                self.recoveries["injections"] += 1
+                self.recoveries["injected_particles"] += count
+                return f"injected {count}"
+        return ""
 
     def nomotion_update(self, image: np.ndarray | torch.Tensor) -> Estimate:
         """Weigh with ``image`` without moving the particles (nav2_amcl's ``request_nomotion_update``)."""
@@ -300,9 +382,9 @@ class Localizer:
             raise NotReadyError("no belief")
         with torch.inference_mode():
             mean, cov = estimate(self.belief)
-        return self.scale.to_metric(mean[0].double().cpu().numpy()), self._cov_to_metric(
-            cov[0].double().cpu().numpy()
-        )
+        out = self._cov_to_metric(cov[0].double().cpu().numpy())
+        out[:2, :2] *= self.covariance_inflation
+        return self.scale.to_metric(mean[0].double().cpu().numpy()), out
 
     def particles_metric(self) -> np.ndarray:
         """``(K, 3)`` particle poses in meters/radians, map frame."""

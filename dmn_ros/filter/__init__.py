@@ -1,6 +1,16 @@
 """Batched, differentiable particle filter over planar poses (SPEC "Particle filter")."""
 
 from dmn_ros.filter.belief import Belief, init_gaussian, init_uniform
+from dmn_ros.filter.health import (
+    Health,
+    HealthConfig,
+    HealthLevel,
+    HealthState,
+    assess,
+    inject_random_particles,
+    marginal_log_likelihood,
+    particle_spread,
+)
 from dmn_ros.filter.resampling import (
     resample_if_degenerate,
     soft_resample,
@@ -28,15 +38,23 @@ from dmn_ros.filter.steps import (
 __all__ = [
     "Belief",
     "FilterConfig",
+    "Health",
+    "HealthConfig",
+    "HealthLevel",
+    "HealthState",
     "PreparedMap",
     "StepResult",
+    "assess",
     "effective_sample_size",
     "encode_map",
     "estimate",
     "filter_step",
     "init_gaussian",
     "init_uniform",
+    "inject_random_particles",
+    "marginal_log_likelihood",
     "normalize_log_weights",
+    "particle_spread",
     "pose_error",
     "prepare_map",
     "resample_if_degenerate",

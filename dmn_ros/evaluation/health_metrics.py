@@ -1,0 +1,219 @@
+"""Health and calibration metrics for dmn-eval / dmn-bag-eval (pure functions plus one episode runner).
+
+* :func:`ellipse_coverage` / :func:`nees`: how often the truth lies inside the published 95 % x-y
+  ellipse (χ² with 2 dof, 5.991) and the mean normalized estimation error squared (2 when calibrated).
+* :func:`fit_inflation`: the x-y variance inflation factor that makes the coverage 95 % on a
+  validation set (:attr:`dmn_ros.localizer.LocalizerConfig.covariance_inflation`).
+* :func:`time_to_converge` / :func:`time_to_recover`: steps from a uniform start until the filter is
+  converged (and right), and from a kidnapping until it is right again.
+* :func:`collect_runs`: the evaluation protocol's filter loop that also keeps covariance and health.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmn_ros.evaluation.protocol import EpisodeSet, EvalSettings
+from dmn_ros.filter import (
+    Belief,
+    FilterConfig,
+    HealthConfig,
+    HealthState,
+    assess,
+    encode_map,
+    filter_step,
+    init_gaussian,
+    init_uniform,
+    marginal_log_likelihood,
+)
+from dmn_ros.filter.runner import ObservationModel
+
+__all__ = [
+    "CHI2_2DOF_95",
+    "Runs",
+    "collect_runs",
+    "ellipse_coverage",
+    "fit_inflation",
+    "nees",
+    "time_to_converge",
+    "time_to_recover",
+]
+
+CHI2_2DOF_95 = 5.991
+"""95 % quantile of χ² with 2 degrees of freedom: the published ellipse's boundary."""
+
+
+def nees(errors_xy: np.ndarray, cov_xy: np.ndarray, *, inflation: float = 1.0) -> np.ndarray:
+    """``eᵀ (s Σ)⁻¹ e`` for x-y errors ``(..., 2)`` (estimate − truth) and covariances ``(..., 2, 2)``."""
+    e = np.asarray(errors_xy, dtype=np.float64)
+    c = np.asarray(cov_xy, dtype=np.float64) * float(inflation)
+    c = c + np.eye(2) * 1e-12  # a collapsed particle set still gives a finite NEES
+    sol = np.linalg.solve(c, e[..., None])[..., 0]
+    return np.einsum("...i,...i->...", e, sol)
+
+
+def ellipse_coverage(
+    errors_xy: np.ndarray, cov_xy: np.ndarray, *, inflation: float = 1.0, chi2: float = CHI2_2DOF_95
+) -> tuple[float, float]:
+    """Share of estimates whose truth lies inside the ``chi2`` ellipse, and the mean NEES.
+
+    A calibrated 2-D Gaussian gives 0.95 and 2.0. Over-confident filters give less coverage and
+    a larger NEES.
+    """
+    n = nees(errors_xy, cov_xy, inflation=inflation).ravel()
+    if n.size == 0:
+        return float("nan"), float("nan")
+    return float((n <= chi2).mean()), float(n.mean())
+
+
+def fit_inflation(
+    errors_xy: np.ndarray, cov_xy: np.ndarray, *, target: float = 0.95, chi2: float = CHI2_2DOF_95
+) -> float:
+    """Variance inflation ``s`` with coverage ``target`` of the ``chi2`` ellipse: ``quantile(NEES) / chi2``.
+
+    Scaling Σ by ``s`` divides every NEES by ``s``, so the ``target`` quantile lands on the boundary.
+    Never below 1e-3 (a filter is not made more confident than a thousandth of its spread).
+    """
+    n = nees(errors_xy, cov_xy).ravel()
+    if n.size == 0:
+        raise ValueError("no estimates to fit an inflation factor on")
+    return max(float(np.quantile(n, target)) / chi2, 1e-3)
+
+
+def time_to_converge(
+    converged: np.ndarray, errors_m: np.ndarray | None = None, *, threshold_m: float | None = None
+) -> int | None:
+    """First step index at which ``converged`` holds (and, if given, ``errors_m < threshold_m``), else None.
+
+    For a run from a uniform start this is the time to converge; ``errors_m`` guards against
+    counting a confident convergence to the wrong place.
+    """
+    ok = np.asarray(converged, dtype=bool).copy()
+    if errors_m is not None:
+        if threshold_m is None:
+            raise ValueError("threshold_m is required with errors_m")
+        ok &= np.asarray(errors_m, dtype=np.float64) < threshold_m
+    idx = np.flatnonzero(ok)
+    return int(idx[0]) if idx.size else None
+
+
+def time_to_recover(errors_m: np.ndarray, *, kidnap_step: int, threshold_m: float, hold: int = 1) -> int | None:
+    """Steps after ``kidnap_step`` until the error stays below ``threshold_m`` for ``hold`` steps; None: never.
+
+    0 means the estimate at the kidnapping step itself was already right (the filter never lost
+    track, e.g. a kidnapping to a nearby pose).
+    """
+    e = np.asarray(errors_m, dtype=np.float64)[kidnap_step:]
+    ok = e < threshold_m
+    for i in range(len(ok) - hold + 1):
+        if ok[i : i + hold].all():
+            return i
+    return None
+
+
+@dataclass
+class Runs:
+    """Per-episode, per-step outputs of :func:`collect_runs` (metric units)."""
+
+    mean: np.ndarray
+    """``(E, T, 3)`` estimates."""
+    covariance: np.ndarray
+    """``(E, T, 3, 3)`` particle covariances (not inflated)."""
+    truth: np.ndarray
+    """``(E, T, 3)`` true poses."""
+    converged: np.ndarray
+    """``(E, T)`` the converged flag."""
+    lost: np.ndarray
+    """``(E, T)`` the lost flag."""
+    log_likelihood: np.ndarray
+    """``(E, T)`` ℓ_t, the log marginal likelihood."""
+
+    @property
+    def errors_xy(self) -> np.ndarray:
+        return self.mean[..., :2] - self.truth[..., :2]
+
+    @property
+    def errors_m(self) -> np.ndarray:
+        return np.linalg.norm(self.errors_xy, axis=-1)
+
+    def coverage(self, *, inflation: float = 1.0, steps: slice = slice(None)) -> tuple[float, float]:
+        return ellipse_coverage(self.errors_xy[:, steps], self.covariance[:, steps, :2, :2], inflation=inflation)
+
+
+def _images(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.inference_mode()
+def collect_runs(
+    model: ObservationModel,
+    episodes: EpisodeSet,
+    settings: EvalSettings,
+    *,
+    health: HealthConfig | None = None,
+    device: torch.device | str = "cpu",
+) -> Runs:
+    """The evaluation protocol's filter (same priors, noise, systematic resampling) keeping covariance and health."""
+    health = health or HealthConfig()
+    dev = torch.device(device)
+    scale = episodes.scale
+    mpu = scale.meters_per_unit
+    g = torch.Generator(device=dev).manual_seed(settings.seed)
+    n = settings.transition_noise
+    cfg = FilterConfig(transition_noise=(n[0] / mpu, n[1] / mpu, math.radians(n[2])), resampling="systematic")
+    s = settings.tracking_std
+    std = (s[0] / mpu, s[1] / mpu, math.radians(s[2]))
+    xmin, xmax, ymin, ymax = episodes.bounds
+    nb = ((xmin - scale.origin_x) / mpu, (xmax - scale.origin_x) / mpu,
+          (ymin - scale.origin_y) / mpu, (ymax - scale.origin_y) / mpu)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "cov", "truth", "conv", "lost", "ll")}
+    eps = episodes.episodes
+    nc, big_t = settings.num_contexts, settings.T
+    for start in range(0, len(eps), settings.batch_episodes):
+        chunk = eps[start : start + settings.batch_episodes]
+        b = len(chunk)
+        ctx = torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(dev)
+        cpose = torch.stack([torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float()
+        truth = np.stack([e.query_poses[:big_t] for e in chunk])
+        ego = torch.stack([torch.from_numpy(scale.delta_to_normalized(e.egomotion[:big_t])) for e in chunk])
+        queries = torch.stack([_images(e.query_images[:big_t]) for e in chunk]).to(dev)
+        pm = encode_map(model, images=ctx, poses=cpose.to(dev))
+        if settings.mode == "global":
+            belief = init_uniform(batch=b, num_particles=settings.num_particles, bounds=nb, generator=g, device=dev)
+        elif settings.mode == "tracking":
+            t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
+            offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
+            belief = init_gaussian(mean=t0 + offset, std=std, num_particles=settings.num_particles, generator=g)
+        else:
+            raise ValueError(f"unknown mode {settings.mode!r}")
+        states = [HealthState() for _ in range(b)]
+        mean = np.zeros((b, big_t, 3))
+        cov = np.zeros((b, big_t, 3, 3))
+        conv = np.zeros((b, big_t), dtype=bool)
+        lost = np.zeros((b, big_t), dtype=bool)
+        lls = np.zeros((b, big_t))
+        for t in range(big_t):
+            prev_lw = belief.log_weights
+            res = filter_step(model, belief=belief, prepared_map=pm, query=queries[:, t],
+                              egomotion=None if t == 0 else ego[:, t].float().to(dev), config=cfg, generator=g)
+            belief = res.belief
+            marg = marginal_log_likelihood(prev_lw, res.log_likelihood)
+            mean[:, t] = scale.to_metric(res.mean.double().cpu().numpy())
+            c = res.covariance.double().cpu().numpy()
+            c[:, :2, :] *= mpu
+            c[:, :, :2] *= mpu
+            cov[:, t] = c
+            for i in range(b):
+                one = Belief(res.updated.particles[i : i + 1], res.updated.log_weights[i : i + 1])
+                states[i], h = assess(states[i], updated=one, log_marginal=float(marg[i]), meters_per_unit=mpu,
+                                      config=health)
+                conv[i, t], lost[i, t], lls[i, t] = h.converged, h.lost, h.log_likelihood
+        for k, v in zip(("mean", "cov", "truth", "conv", "lost", "ll"), (mean, cov, truth, conv, lost, lls),
+                        strict=True):
+            out[k].append(v)
+    cat = {k: np.concatenate(v, axis=0) for k, v in out.items()}
+    return Runs(cat["mean"], cat["cov"], cat["truth"], cat["conv"], cat["lost"], cat["ll"])
