@@ -15,6 +15,9 @@ little-endian, dense, ``height = 1``, ``width = N``, ``header.frame_id`` = globa
 weights fingerprint, so one message is self-describing and a localizer with a
 different model rejects it. View ids, ``embed_shape`` and ``meters_per_unit``
 travel on the companion ``std_msgs/String`` topic ``dmn_map_info`` (JSON).
+
+Shared contexts between robots (``/dmn_shared_contexts``) use a second PointCloud2
+layout, documented above :func:`shared_batch_to_pointcloud` and in ``docs/multirobot.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dmn_ros.errors import FingerprintMismatchError, MapError
 from dmn_ros.geometry import quaternion_to_yaw, yaw_to_quaternion
 from dmn_ros.images import decode_compressed, decode_raw, encode_raw
 from dmn_ros.maps import ViewMap
+from dmn_ros.sharing import MAX_ID_BYTES, ContextBatch, SharedContextError
 
 EMB_FIELD_PREFIX = "emb_"
 _COV_IDX = (0, 1, 5)  # x, y, yaw (rotation about z) in the row-major 6×6 of geometry_msgs
@@ -216,3 +220,120 @@ def pointcloud_to_view_map(
     if n:
         out.add(embeddings=emb, poses=poses, ids=ids)
     return out
+
+
+# ---- shared contexts (multi-robot) ---------------------------------------------------------
+# ``sensor_msgs/PointCloud2`` on the shared topic, one point per context view, little-endian,
+# dense, ``height = 1``, ``header.frame_id`` = the shared global frame:
+#
+# | field | offset | datatype | count | meaning |
+# |---|---|---|---|---|
+# | ``id`` | 0 | UINT8 | 32 | stable id ``<robot_id>/<seq>``, UTF-8, NUL-padded |
+# | ``x``, ``y``, ``yaw`` | 32, 40, 48 | FLOAT64 | 1 | view pose (m, m, rad); float64: same bits everywhere |
+# | ``emb_<fingerprint>`` | 56 | FLOAT32 | D·h·w | embedding, as on ``dmn_map`` (embeddings format) |
+# | ``rgb8_<H>x<W>`` | 56 | UINT8 | H·W·3 | row-major RGB image (images format) |
+#
+# Exactly one payload field. ``point_step = 56 + payload bytes``.
+SHARED_HEAD = 56
+RGB_FIELD_PREFIX = "rgb8_"
+
+
+def shared_batch_to_pointcloud(batch: ContextBatch, *, stamp: Time) -> PointCloud2:
+    """Pack a :class:`~dmn_ros.sharing.ContextBatch` in the shared-context layout above."""
+    n = len(batch)
+    if batch.embeddings is not None:
+        payload = np.ascontiguousarray(batch.embeddings, dtype="<f4").reshape(n, -1)
+        name, dtype_id, item = EMB_FIELD_PREFIX + str(batch.fingerprint), PointField.FLOAT32, "<f4"
+    elif batch.images is not None:
+        h, w = batch.images.shape[1:3]
+        payload = np.ascontiguousarray(batch.images, dtype=np.uint8).reshape(n, -1)
+        name, dtype_id, item = f"{RGB_FIELD_PREFIX}{h}x{w}", PointField.UINT8, "u1"
+    else:
+        raise SharedContextError("a shared batch needs embeddings or images")
+    count = payload.shape[1] if n else (int(np.prod(batch.embeddings.shape[1:])) if batch.embeddings is not None
+                                        else int(np.prod(batch.images.shape[1:])))  # type: ignore[union-attr]
+    dtype = np.dtype([("id", "u1", (MAX_ID_BYTES,)), ("x", "<f8"), ("y", "<f8"), ("yaw", "<f8"),
+                      ("p", item, (count,))])
+    rec = np.zeros(n, dtype=dtype)
+    for i, vid in enumerate(batch.ids):
+        raw = vid.encode()
+        if len(raw) > MAX_ID_BYTES:
+            raise SharedContextError(f"id {vid!r} is longer than {MAX_ID_BYTES} bytes")
+        rec["id"][i, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    poses = np.asarray(batch.poses, dtype=np.float64).reshape(n, 3)
+    rec["x"], rec["y"], rec["yaw"] = poses[:, 0], poses[:, 1], poses[:, 2]
+    if n:
+        rec["p"] = payload
+    msg = PointCloud2()
+    msg.header.stamp = stamp
+    msg.header.frame_id = batch.frame_id
+    msg.height, msg.width = 1, n
+    msg.fields = [
+        PointField(name="id", offset=0, datatype=PointField.UINT8, count=MAX_ID_BYTES),
+        PointField(name="x", offset=32, datatype=PointField.FLOAT64, count=1),
+        PointField(name="y", offset=40, datatype=PointField.FLOAT64, count=1),
+        PointField(name="yaw", offset=48, datatype=PointField.FLOAT64, count=1),
+        PointField(name=name, offset=SHARED_HEAD, datatype=dtype_id, count=count),
+    ]
+    msg.is_bigendian = False
+    msg.point_step = dtype.itemsize
+    msg.row_step = msg.point_step * n
+    msg.is_dense = True
+    msg.data = rec.tobytes()
+    return msg
+
+
+def pointcloud_to_shared_batch(msg: PointCloud2, *, embed_shape: tuple[int, int, int]) -> ContextBatch:
+    """Unpack a shared-context cloud; :class:`SharedContextError` if its layout is not the one above.
+
+    Model checks (fingerprint, image size, finiteness, ids) are left to
+    :meth:`dmn_ros.sharing.ContextLedger.screen`, which counts them. An embedding
+    field whose count is not ``D·h·w`` of ``embed_shape`` is returned flat as ``(n, 1, 1, count)``
+    so that the ledger rejects it as a shape mismatch.
+    """
+    fields = {f.name: f for f in msg.fields}
+    expect = {"id": (0, PointField.UINT8, MAX_ID_BYTES), "x": (32, PointField.FLOAT64, 1),
+              "y": (40, PointField.FLOAT64, 1), "yaw": (48, PointField.FLOAT64, 1)}
+    for name, (off, dt, cnt) in expect.items():
+        f = fields.get(name)
+        if f is None or (f.offset, f.datatype, f.count) != (off, dt, cnt):
+            raise SharedContextError(f"shared-context cloud lacks field {name} at offset {off}")
+    payload = [f for f in msg.fields if f.name.startswith((EMB_FIELD_PREFIX, RGB_FIELD_PREFIX))]
+    if msg.is_bigendian or len(payload) != 1 or payload[0].offset != SHARED_HEAD:
+        raise SharedContextError("shared-context cloud needs one little-endian emb_<fp> or rgb8_<H>x<W> field at 56")
+    pf = payload[0]
+    n = int(msg.width) * int(msg.height)
+    step = int(msg.point_step)
+    item = 4 if pf.datatype == PointField.FLOAT32 else 1
+    if step != SHARED_HEAD + item * int(pf.count):
+        raise SharedContextError(f"point_step {step} does not match field {pf.name} × {pf.count}")
+    raw = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+    if raw.size != n * step:
+        raise SharedContextError(f"shared-context cloud has {raw.size} bytes, expected {n} × {step}")
+    rows = raw.reshape(n, step)
+    ids = []
+    for r in rows[:, :MAX_ID_BYTES]:
+        try:
+            ids.append(r.tobytes().rstrip(b"\0").decode())
+        except UnicodeDecodeError:
+            ids.append("")  # rejected as a bad id
+    poses = rows[:, 32:SHARED_HEAD].copy().view("<f8").reshape(n, 3).astype(np.float64)
+    body = rows[:, SHARED_HEAD:].copy()
+    batch = ContextBatch(frame_id=msg.header.frame_id, ids=ids, poses=poses)
+    if pf.name.startswith(EMB_FIELD_PREFIX):
+        if pf.datatype != PointField.FLOAT32:
+            raise SharedContextError(f"embedding field {pf.name} is not FLOAT32")
+        emb = body.view("<f4").reshape(n, int(pf.count)).astype(np.float32)
+        d = int(np.prod(embed_shape))
+        batch.embeddings = emb.reshape(n, *embed_shape) if pf.count == d else emb.reshape(n, 1, 1, int(pf.count))
+        batch.fingerprint = pf.name[len(EMB_FIELD_PREFIX) :]
+    else:
+        size = pf.name[len(RGB_FIELD_PREFIX) :].split("x")
+        try:
+            h, w = int(size[0]), int(size[1])
+        except (ValueError, IndexError) as exc:
+            raise SharedContextError(f"image field {pf.name} is not rgb8_<H>x<W>") from exc
+        if pf.datatype != PointField.UINT8 or pf.count != h * w * 3:
+            raise SharedContextError(f"image field {pf.name} has count {pf.count}, expected {h * w * 3} UINT8")
+        batch.images = body.reshape(n, h, w, 3)
+    return batch

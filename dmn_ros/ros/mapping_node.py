@@ -6,10 +6,18 @@ within ``pair_tolerance``, embeds each pair with the model's CNN1 and publishes 
 whole map on ``map_topic`` (PointCloud2, layout in :mod:`dmn_ros.ros.conversions`)
 plus ``map_info_topic`` (JSON), both reliable + transient_local. Re-sent pairs
 (same image stamp) replace their view, so a publisher may repeat its contexts.
+
+Multi-robot (``share_contexts``, ``docs/multirobot.md``): the views this robot adds are
+published on the absolute ``shared_topic`` (PointCloud2, layout in
+:mod:`dmn_ros.ros.conversions`) and the peers' views are validated, deduplicated by
+stable id and merged (:class:`dmn_ros.sharing.ContextLedger`), so ``map_topic`` carries
+the merged map. Late joiners get the peers' transient_local history and ask for the
+full map on ``<shared_topic>/sync``. ``max_contexts`` bounds the map by spatial thinning.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from pathlib import Path
@@ -25,6 +33,7 @@ from std_srvs.srv import Trigger
 
 from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError
 from dmn_ros.export import LoadedModel, default_model_path, load_model
+from dmn_ros.images import resize_rgb
 from dmn_ros.localizer import embed_images, resolve_device
 from dmn_ros.maps import ViewMap
 from dmn_ros.ros import params
@@ -33,15 +42,26 @@ from dmn_ros.ros.conversions import (
     compressed_msg_to_rgb,
     image_msg_to_rgb,
     map_info_json,
+    pointcloud_to_shared_batch,
     pose_to_xyyaw,
+    shared_batch_to_pointcloud,
     stamp_to_sec,
     view_map_to_pointcloud,
 )
+from dmn_ros.sharing import ContextLedger, SharedContextError, ShareFormat, make_id, robot_id_from_namespace
 
 MAP_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 """Latched map: late localizers get the current map at once."""
 CONTEXT_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 """Context inputs: reliable (contexts are rare and precious), volatile so that any publisher matches."""
+SYNC_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+"""Full-map requests of late joiners: sent whenever a new peer's request subscriber appears."""
+
+
+def shared_qos(history: int) -> QoSProfile:
+    """Shared contexts: reliable + transient_local, so a late joiner gets the last ``history`` messages."""
+    return QoSProfile(depth=max(int(history), 1), reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 class MappingNode(Node):
@@ -53,9 +73,29 @@ class MappingNode(Node):
         log = self.get_logger()
         self.model = model or load_model(self.p["model_path"] or default_model_path(),
                                          device=resolve_device(self.p["device"]))
-        self.view_map = ViewMap.for_model(self.model.info, frame_id=self.p["global_frame_id"])
-        self.counters = {"paired": 0, "unpaired_images": 0, "unpaired_poses": 0, "bad_images": 0, "bad_poses": 0}
-        """How many inputs were used or dropped, by reason."""
+        info = self.model.info
+        self.view_map = ViewMap.for_model(info, frame_id=self.p["global_frame_id"])
+        self.counters = {"paired": 0, "unpaired_images": 0, "unpaired_poses": 0, "bad_images": 0, "bad_poses": 0,
+                         "shared_malformed": 0, "shared_sent": 0, "sync_requests": 0, "sync_replies": 0}
+        """How many inputs were used or dropped, by reason (``shared_*``: see :class:`ContextLedger`)."""
+        self.robot_id = self.p["robot_id"] or robot_id_from_namespace(self.get_namespace())
+        """Prefix of this robot's stable view ids."""
+        try:
+            make_id(self.robot_id, 0)
+            self.share_format = ShareFormat(self.p["share_format"])
+        except ValueError as exc:
+            raise DmnError(f"bad sharing parameters: {exc}") from exc
+        self.sharing = bool(self.p["share_contexts"])
+        self.ledger = ContextLedger(
+            robot_id=self.robot_id, fingerprint=info.fingerprint, frame_id=self.p["global_frame_id"],
+            image_size=(info.image_height, info.image_width), embed_shape=info.embed_shape,
+            max_contexts=int(self.p["max_contexts"]), heading_scale_m=float(self.p["thinning_heading_scale"]),
+            keep_images=self.sharing and self.share_format is ShareFormat.IMAGES,
+        )
+        """Dedup memory, validation and the max_contexts policy for own and shared views."""
+        self._to_share: list[str] = []
+        self._sync_reply_due = False
+        self._sync_subs_seen = 0
         self._lock = threading.Lock()
         self._images: deque[tuple[float, int, np.ndarray]] = deque()
         self._poses: deque[tuple[float, np.ndarray]] = deque()
@@ -69,7 +109,10 @@ class MappingNode(Node):
                 loaded = ViewMap.load(self.map_file, expected_fingerprint=self.model.info.fingerprint)
                 loaded.frame_id = self.p["global_frame_id"]
                 self.view_map = loaded
-                self._next_index = len(loaded)
+                self._next_index = self.ledger.next_seq(loaded.ids)
+                self.ledger.mark_known(loaded.ids)
+                self.ledger.commit(self.view_map, ids=[], poses=np.zeros((0, 3)),
+                                   embeddings=np.zeros((0, *info.embed_shape)))  # apply max_contexts
                 log.info(f"loaded {len(loaded)} views from {self.map_file}")
             except (FingerprintMismatchError, MapError) as exc:
                 self._autosave = False
@@ -88,11 +131,21 @@ class MappingNode(Node):
         self.create_subscription(pose_type[self.p["pose_type"]], self.p["pose_topic"], self._on_pose, CONTEXT_QOS)
         self.create_service(Trigger, "~/save_map", self._on_save)
         self.create_service(Trigger, "~/clear_map", self._on_clear)
+        if self.sharing:
+            topic = self.p["shared_topic"]
+            self.shared_pub = self.create_publisher(PointCloud2, topic, shared_qos(self.p["shared_history"]))
+            # Reader depth above the writers' history: a late joiner may get several peers' histories at once.
+            self.create_subscription(PointCloud2, topic, self._on_shared, shared_qos(4 * self.p["shared_history"]))
+            self.sync_pub = self.create_publisher(String, topic + "/sync", SYNC_QOS)
+            self.create_subscription(String, topic + "/sync", self._on_sync_request, SYNC_QOS)
+            self.create_timer(0.5, self._sync_tick)
+            self._to_share = list(self.view_map.ids)  # a loaded map is offered to the peers once
         self.create_timer(0.2, self._flush)
         self._publish()
         log.info(
-            f"mapping with model {self.model.info.fingerprint} on {self.model.device}; "
+            f"mapping with model {info.fingerprint} on {self.model.device} as '{self.robot_id}'; "
             f"{len(self.view_map)} views; map on '{self.p['map_topic']}'"
+            + (f"; sharing {self.share_format.value} on '{self.p['shared_topic']}'" if self.sharing else "")
         )
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -159,24 +212,104 @@ class MappingNode(Node):
     # ---- map editing ------------------------------------------------------------------------
     def add_contexts(self, images: list[np.ndarray], poses: np.ndarray, *, stamps_ns: list[int] | None = None) -> None:
         """Embed RGB ``images`` with metric ``poses (n, 3)`` and add them (re-sent stamps replace views)."""
+        info = self.model.info
+        # Model-size images: what is embedded here is exactly what an images-format peer embeds.
+        images = [resize_rgb(np.asarray(im), height=info.image_height, width=info.image_width) for im in images]
         emb = embed_images(self.model, images)
         ids = []
+        new_ids = []
         with self._lock:
+            self._next_index = max(self._next_index, self.ledger.own_seq_floor)
             for k in range(len(images)):
                 ns = stamps_ns[k] if stamps_ns is not None else None
                 if ns is not None and ns in self._id_of_stamp:
                     ids.append(self._id_of_stamp[ns])
                     continue
-                vid = f"{self.p['robot_id']}/{self._next_index:06d}"
+                vid = make_id(self.robot_id, self._next_index)
                 self._next_index += 1
                 if ns is not None:
                     self._id_of_stamp[ns] = vid
                 ids.append(vid)
-            self.view_map.add(embeddings=emb, poses=poses, ids=ids)
+                new_ids.append(vid)
+            self.ledger.commit(self.view_map, ids=ids, poses=poses, embeddings=emb, images=images)
             self.counters["paired"] += len(images)
+            if self.sharing:  # shared views are immutable: a re-sent (replaced) view is not shared again
+                self._to_share.extend(new_ids)
             self._dirty = True
 
+    # ---- sharing ----------------------------------------------------------------------------
+    def _on_shared(self, msg: PointCloud2) -> None:
+        """Validate, dedup and merge the contexts a peer shared (images are embedded here)."""
+        info = self.model.info
+        try:
+            batch = pointcloud_to_shared_batch(msg, embed_shape=info.embed_shape)
+        except SharedContextError as exc:
+            self.counters["shared_malformed"] += 1
+            self.get_logger().warning(f"shared contexts dropped: {exc}", throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            fresh, problems = self.ledger.screen(batch)
+            self._sync_ledger_counters()
+        if problems:
+            reasons = sorted({r.value for r, _ in problems})
+            self.get_logger().warning(
+                f"{len(problems)} shared context(s) rejected ({', '.join(reasons)}), e.g. {problems[0][1]}; "
+                f"counters {self._shared_counters()}", throttle_duration_sec=5.0)
+        if len(fresh) == 0:
+            return
+        emb = fresh.embeddings if fresh.embeddings is not None else embed_images(self.model, list(fresh.images))
+        with self._lock:
+            res = self.ledger.commit(self.view_map, ids=fresh.ids, poses=fresh.poses, embeddings=emb,
+                                     images=fresh.images)
+            self._sync_ledger_counters()
+            self._dirty = True
+        self.get_logger().info(f"merged {len(res.added)} shared views ({fresh.format.value}); map has "
+                               f"{len(self.view_map)}", throttle_duration_sec=2.0)
+
+    def _on_sync_request(self, msg: String) -> None:
+        try:
+            peer = str(json.loads(msg.data)["robot_id"])
+        except (ValueError, KeyError, TypeError):
+            self.counters["shared_malformed"] += 1
+            return
+        if peer != self.robot_id:
+            self._sync_reply_due = True  # answered once per flush, however many peers asked
+
+    def _sync_tick(self) -> None:
+        """Ask for the full map whenever a new peer (its sync subscriber) appears."""
+        n = self.sync_pub.get_subscription_count()
+        if n > self._sync_subs_seen:
+            self.sync_pub.publish(String(data=json.dumps({"robot_id": self.robot_id,
+                                                          "num_views": len(self.view_map)})))
+            self.counters["sync_requests"] += 1
+        self._sync_subs_seen = n
+
+    def _share(self) -> None:
+        """Publish own new views, and the whole merged map if a peer asked for it."""
+        with self._lock:
+            full, self._sync_reply_due = self._sync_reply_due, False
+            ids = None if full else self._to_share
+            self._to_share = []
+            if ids is not None and not ids:
+                return
+            batches = self.ledger.outgoing(self.view_map, ids, fmt=self.share_format,
+                                           batch_size=int(self.p["shared_batch"]))
+        stamp = self.get_clock().now().to_msg()
+        for b in batches:
+            self.shared_pub.publish(shared_batch_to_pointcloud(b, stamp=stamp))
+            self.counters["shared_sent"] += len(b)
+        if full:
+            self.counters["sync_replies"] += 1
+
+    def _shared_counters(self) -> dict[str, int]:
+        return {k: v for k, v in self.counters.items() if k.startswith("shared_")}
+
+    def _sync_ledger_counters(self) -> None:
+        self.counters.update({f"shared_{k}": v for k, v in self.ledger.counters.items()})
+
     def _flush(self) -> None:
+        if self.sharing:
+            self._share()
         with self._lock:
             dirty, self._dirty = self._dirty, False
         if not dirty:
@@ -218,6 +351,8 @@ class MappingNode(Node):
             self._images.clear()
             self._poses.clear()
             self._id_of_stamp.clear()
+            self.ledger.forget()  # peers' views may come back (sync); own sequence numbers are never reused
+            self._to_share = []
             self._dirty = True
         self._flush()
         resp.success, resp.message = True, f"cleared {n} views"

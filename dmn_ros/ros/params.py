@@ -29,9 +29,17 @@ MAPPING: ParamTable = {
     "pose_type": ("PoseStamped", "PoseStamped or PoseWithCovarianceStamped"),
     "pair_tolerance": (0.05, "max |image stamp - pose stamp| (s) to pair a context"),
     "max_unpaired": (50, "unpaired messages kept per side before the oldest is dropped and counted"),
-    "robot_id": ("robot1", "prefix of the stable view ids, '<robot_id>/<index>'"),
+    "robot_id": ("", "prefix of the stable view ids '<robot_id>/<seq>'; empty: the namespace ('/robot2' -> "
+                     "'robot2'), 'robot1' in the root namespace"),
     "map_file": ("", "safetensors map loaded on start and autosaved; empty: in memory only"),
     "autosave": (True, "save map_file atomically after every change"),
+    "max_contexts": (1000, "most views kept (own + shared); beyond it spatial thinning drops views; 0: unbounded"),
+    "thinning_heading_scale": (2.0, "m per rad of heading difference in the thinning distance"),
+    "share_contexts": (False, "publish own contexts on shared_topic and merge the peers' (multi-robot)"),
+    "shared_topic": ("/dmn_shared_contexts", "shared contexts (PointCloud2); absolute so that namespaced robots meet"),
+    "share_format": ("embeddings", "what own contexts are shared as: embeddings or images"),
+    "shared_history": (20, "shared messages kept for late joiners (transient_local depth)"),
+    "shared_batch": (50, "most contexts per shared message"),
 }
 
 LOCALIZATION: ParamTable = {
@@ -62,6 +70,18 @@ LOCALIZATION: ParamTable = {
     "publish_particles": (True, "publish particle_cloud (PoseArray)"),
     "max_published_particles": (512, "particles in particle_cloud / markers (highest weights)"),
     "odom_buffer_s": (30.0, "s of odometry kept for interpolation"),
+    "health.alpha_slow": (0.05, "per-update weight of the long-term observation likelihood average"),
+    "health.alpha_fast": (0.5, "per-update weight of the short-term observation likelihood average"),
+    "health.converged_xy": (2.0, "m, x-y particle spread below which the belief is concentrated"),
+    "health.converged_yaw": (0.35, "rad, circular yaw spread below which the belief is concentrated"),
+    "health.converged_updates": (3, "consecutive concentrated updates for 'converged'"),
+    "health.lost_ratio": (0.05, "'lost' (ERROR) when exp(ll_fast - ll_slow) is below this"),
+    "health.warmup_updates": (5, "updates after a (re)initialization before 'lost' can be declared"),
+    "recovery_alpha_slow": (0.0, "nav2_amcl recovery: long-term likelihood average for random particles; 0: off"),
+    "recovery_alpha_fast": (0.0, "nav2_amcl recovery: short-term likelihood average for random particles; 0: off"),
+    "lost_updates_before_global": (0, "restart global localization after this many lost updates; 0: never"),
+    "covariance_inflation": (0.0, "x-y variance factor of published covariances; 0: the model's metadata, else 1"),
+    "diagnostics_period": (1.0, "s between /diagnostics messages while no filter update runs"),
 }
 
 SIM: ParamTable = {
@@ -79,6 +99,7 @@ SIM: ParamTable = {
     "contexts_from": ("free_space", "free_space (random free poses) or trajectory (a second stored drive)"),
     "odom_noise_xy": (0.02, "m, per-step std of odometry translation noise"),
     "odom_noise_yaw": (0.01, "rad, per-step std of odometry rotation noise"),
+    "kidnap_at_step": (0, "teleport to a random free pose at this frame (1-based), odometry unaware; 0: never"),
     "publish_clock": (False, "publish /clock with simulated time (use with use_sim_time)"),
     "camera_topic": ("camera/image", "query images"),
     "odom_topic": ("odom", "nav_msgs/Odometry"),
