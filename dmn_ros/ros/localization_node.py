@@ -7,6 +7,9 @@ counted), ``odom_topic`` (interpolated at image stamps for egomotion),
 image stamp), ``particle_cloud`` (PoseArray, best effort), ``dmn_markers``
 (MarkerArray), map→odom TF when tf2_ros is importable. Nothing is published before a
 map exists and the filter is initialized. Bad inputs are logged, counted and dropped.
+The filter's health (ESS, likelihood averages, spreads, converged / lost) goes to
+``/diagnostics`` (DiagnosticArray) after every update and every ``diagnostics_period``
+seconds, ERROR while there is no map or no belief (docs/health.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, TransformStamped
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -31,6 +35,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError
 from dmn_ros.export import LoadedModel, default_model_path, load_model
+from dmn_ros.filter import HealthConfig, HealthLevel
 from dmn_ros.geometry import yaw_to_quaternion
 from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, resolve_device
 from dmn_ros.ros import params
@@ -81,6 +86,19 @@ class LocalizationNode(Node):
             motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
             resample_threshold=float(p["resample_threshold"]),
             device=str(p["device"]),
+            health=HealthConfig(
+                alpha_slow=float(p["health.alpha_slow"]),
+                alpha_fast=float(p["health.alpha_fast"]),
+                converged_xy_m=float(p["health.converged_xy"]),
+                converged_yaw_rad=float(p["health.converged_yaw"]),
+                converged_updates=int(p["health.converged_updates"]),
+                lost_ratio=float(p["health.lost_ratio"]),
+                warmup_updates=int(p["health.warmup_updates"]),
+            ),
+            recovery_alpha_slow=float(p["recovery_alpha_slow"]),
+            recovery_alpha_fast=float(p["recovery_alpha_fast"]),
+            lost_updates_before_global=int(p["lost_updates_before_global"]),
+            covariance_inflation=float(p["covariance_inflation"]) or None,
         )
         self.localizer = Localizer(self.model, config=cfg, seed=int(p["random_seed"]))
         self.counters: dict[str, int] = {
@@ -88,6 +106,7 @@ class LocalizationNode(Node):
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
             "bad_maps": 0, "step_errors": 0,
         }
+        self._step_failed = False
         """Inputs used and dropped, by reason."""
         self.last_estimate: Estimate | None = None
         self.last_stamp: float | None = None
@@ -106,6 +125,7 @@ class LocalizationNode(Node):
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "dmn_pose", POSE_QOS)
         self.cloud_pub = self.create_publisher(PoseArray, "particle_cloud", PARTICLE_QOS)
         self.marker_pub = self.create_publisher(MarkerArray, "dmn_markers", 1)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         sensors = MutuallyExclusiveCallbackGroup()
         if p["use_compressed"]:
             self.create_subscription(CompressedImage, p["image_topic"] + "/compressed", self._on_image,
@@ -122,6 +142,9 @@ class LocalizationNode(Node):
         self.create_service(Empty, "request_nomotion_update", self._on_nomotion, callback_group=sensors)
         self.create_timer(1.0 / max(float(p["process_rate"]), 1e-3), self._work,
                           callback_group=MutuallyExclusiveCallbackGroup())
+        if float(p["diagnostics_period"]) > 0:
+            self.create_timer(float(p["diagnostics_period"]), self.publish_diagnostics,
+                              callback_group=MutuallyExclusiveCallbackGroup())
         self.tf = None
         if p["tf_broadcast"]:
             if TransformBroadcaster is not None:
@@ -296,13 +319,20 @@ class LocalizationNode(Node):
                 est = self.localizer.step(rgb, delta)
             except (DmnError, ValueError, RuntimeError) as exc:
                 self.counters["step_errors"] += 1
+                self._step_failed = True
                 self.get_logger().error(f"filter step failed: {exc}")
+                self.publish_diagnostics()
                 return
+            self._step_failed = False
             self.last_stamp = stamp
             self.last_estimate = est
             self.counters["processed"] += 1
             particles, weights = self.localizer.particles_metric(), self.localizer.weights()
         self._publish(stamp, est, particles, weights)
+        self.publish_diagnostics(stamp)
+        if est.recovery:
+            self.get_logger().warning(f"recovery after step {self.counters['processed']}: {est.recovery} "
+                                      f"({est.health.message if est.health else ''})")
         self.get_logger().info(
             f"step {self.counters['processed']}: ({est.mean[0]:.2f}, {est.mean[1]:.2f}, {est.mean[2]:.2f}) "
             f"spread {est.spread:.2f} m, ESS {est.ess:.0f}/{est.num_particles}, {est.latency_ms:.0f} ms",
@@ -310,6 +340,51 @@ class LocalizationNode(Node):
         )
 
     # ---- outputs ----------------------------------------------------------------------------
+    def health_status(self) -> DiagnosticStatus:
+        """The localizer's health as one DiagnosticStatus (levels and keys in docs/health.md)."""
+        with self._lock:
+            loc = self.localizer
+            h = loc.last_health
+            values: dict[str, str] = {"mode": loc.mode, "has_map": str(loc.has_map).lower(),
+                                      "map_views": str(0 if loc.view_map is None else len(loc.view_map))}
+            if not loc.has_map:
+                level, msg = HealthLevel.ERROR, "no map: waiting for the view-embedding map"
+            elif not loc.initialized:
+                level, msg = HealthLevel.ERROR, "not initialized: send initialpose or call global localization"
+            elif self._step_failed:
+                level, msg = HealthLevel.ERROR, "the last filter step failed (see the log)"
+            elif h is None:
+                level, msg = HealthLevel.WARN, f"{loc.mode}: initialized, waiting for the first update"
+            else:
+                level, msg = h.level, h.message
+            if h is not None:
+                values.update({
+                    "converged": str(h.converged).lower(), "lost": str(h.lost).lower(),
+                    "ess": f"{h.ess:.1f}", "ess_fraction": f"{h.ess_fraction:.3f}",
+                    "num_particles": str(loc.belief.num_particles if loc.belief is not None else 0),
+                    "log_likelihood": f"{h.log_likelihood:.4g}", "log_likelihood_fast": f"{h.ll_fast:.4g}",
+                    "log_likelihood_slow": f"{h.ll_slow:.4g}", "likelihood_ratio": f"{h.likelihood_ratio:.4g}",
+                    "spread_xy_m": f"{h.spread_xy_m:.3f}", "spread_yaw_rad": f"{h.spread_yaw_rad:.3f}",
+                    "updates": str(h.updates), "lost_streak": str(h.lost_streak),
+                    "injection_probability": f"{h.injection_probability:.3f}",
+                })
+            values.update({
+                "covariance_inflation": f"{loc.covariance_inflation:.3g}",
+                "global_relocalizations": str(loc.recoveries["global"]),
+                "injected_particles": str(loc.recoveries["injected_particles"]),
+                "processed": str(self.counters["processed"]),
+                "dropped": str(sum(v for k, v in self.counters.items() if k not in ("frames", "processed"))),
+            })
+        return DiagnosticStatus(level=bytes([int(level)]), name=f"{self.get_fully_qualified_name()}: localization",
+                                message=msg, hardware_id=self.model.info.fingerprint,
+                                values=[KeyValue(key=k, value=v) for k, v in values.items()])
+
+    def publish_diagnostics(self, stamp: float | None = None) -> None:
+        arr = DiagnosticArray()
+        arr.header.stamp = sec_to_stamp(stamp) if stamp is not None else self.get_clock().now().to_msg()
+        arr.status = [self.health_status()]
+        self.diag_pub.publish(arr)
+
     def _publish(self, stamp: float, est: Estimate, particles: np.ndarray, weights: np.ndarray) -> None:
         frame = self.p["global_frame_id"]
         stamp_msg = sec_to_stamp(stamp)

@@ -4,7 +4,9 @@ Publishes camera images, noisy odometry (``odom → base``, starting at the orig
 continuous across episodes), ground truth (``PoseStamped`` in the global frame) and a
 set of context image-pose pairs for the mapping node. With ``rate > 0`` a timer drives
 it; :meth:`SimNode.step_once` and :meth:`SimNode.reset` let a caller (the demo, tests)
-drive it in lock-step.
+drive it in lock-step. ``kidnap_at_step = N > 0`` teleports the robot to a random free
+pose at the N-th frame of each world (then it drives on from there) while odometry
+reports no motion: the kidnapped-robot test of docs/health.md.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class SimNode(Node):
         self.context_images = self.world.render(self.context_poses)
         self.context_base_stamp = self._now() - len(self.context_poses) - 1.0
         self.index = -1
+        self._trajectory_start = 0
+        """Frame index at which ``trajectory`` starts (moves when the robot is kidnapped)."""
+        self.kidnapped_at: int | None = None
+        """Frame index of the last kidnapping in this world, None if none."""
         self.truth: np.ndarray | None = None
         self._ctx_subs_seen = 0
         self.get_logger().info(f"world {self.p['domain']} seed {self.world_seed}: {n}-step trajectory, "
@@ -109,11 +115,26 @@ class SimNode(Node):
         back[2] = wrap_angle(back[2] + np.pi)
         return back
 
+    def _kidnap(self) -> None:
+        """Teleport: a new trajectory from a random free pose, starting at this frame."""
+        from dmn_ros.worlds import smooth_trajectory
+
+        start = self.world.sample_free_poses(1, self.rng)[0]
+        self.trajectory = smooth_trajectory(self.world, self.rng, steps=len(self.trajectory), start=start)
+        self._trajectory_start = self.index
+        self.kidnapped_at = self.index
+        old = self.truth if self.truth is not None else start
+        self.get_logger().warning(f"kidnapped at frame {self.index + 1}: ({old[0]:.1f}, {old[1]:.1f}) -> "
+                                  f"({start[0]:.1f}, {start[1]:.1f}), odometry unaware")
+
     def step_once(self) -> float:
         """Advance one pose; publish odometry, ground truth and the camera image. Returns the stamp (s)."""
         self.index += 1
-        truth = self._trajectory_pose(self.index)
-        if self.truth is not None:
+        kidnap = int(self.p["kidnap_at_step"]) > 0 and self.index + 1 == int(self.p["kidnap_at_step"])
+        if kidnap:
+            self._kidnap()
+        truth = self._trajectory_pose(self.index - self._trajectory_start)
+        if self.truth is not None and not kidnap:  # a kidnapped robot's odometry feels nothing
             noisy, _ = egomotion_from_poses(
                 np.stack([self.truth, truth]), rng=self.rng,
                 noise_std=(float(self.p["odom_noise_xy"]), float(self.p["odom_noise_yaw"])),

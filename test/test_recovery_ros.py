@@ -1,0 +1,296 @@
+"""Health on /diagnostics over real DDS, the sim's kidnapping, and recovery on vs off.
+
+With the untrained test model the likelihood carries no information, so the kidnapping's effect
+on the likelihood is *forced*: the observation model is wrapped so that its log-likelihood is a
+constant that drops by 30 nats from the kidnapped frame on (a trained model's marginal
+likelihood drops the same way when frames stop matching the belief). Everything downstream is
+real: filter, health rules, node, DiagnosticArray over DDS, automatic global relocalization.
+Tests with the shipped model are skipped only when ``models/dmn_maze32.pt`` is absent.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ROS_DOMAIN_ID"] = str(200 + os.getpid() % 30)
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+rclpy = pytest.importorskip("rclpy")
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+
+from dmn_ros.evaluation.health_metrics import time_to_recover  # noqa: E402
+from dmn_ros.export import LoadedModel, default_model_path, export_model, load_model  # noqa: E402
+from dmn_ros.filter import HealthConfig  # noqa: E402
+from dmn_ros.localizer import Localizer, LocalizerConfig, embed_images  # noqa: E402
+from dmn_ros.maps import ViewMap  # noqa: E402
+from dmn_ros.model import DMN  # noqa: E402
+from dmn_ros.ros.conversions import cov3_to_cov6, stamp_to_sec, xyyaw_to_pose  # noqa: E402
+from dmn_ros.ros.localization_node import LocalizationNode  # noqa: E402
+from dmn_ros.ros.mapping_node import MappingNode  # noqa: E402
+from dmn_ros.ros.sim_node import SimNode  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+SEED = 20_000_003
+KIDNAP_AT = 8
+"""The sim teleports the robot at its 8th frame."""
+
+
+class KidnapForcedModel:
+    """Log-likelihood = constant, 30 nats lower once the sim has kidnapped the robot (see module doc)."""
+
+    def __init__(self, inner, sim_ref):
+        self.inner, self.sim_ref = inner, sim_ref
+
+    def to(self, _device):
+        return self
+
+    def embed_views(self, images):
+        return self.inner.embed_views(images)
+
+    def prepare_map(self, emb):
+        return self.inner.prepare_map(emb)
+
+    def prepare_query(self, q):
+        return self.inner.prepare_query(q)
+
+    def log_likelihood_prepared(self, a, g, poses, q, hq, particles):
+        sim = self.sim_ref[0]
+        drop = -30.0 if sim is not None and sim.kidnapped_at is not None else 0.0
+        return torch.zeros(particles.shape[:2], dtype=particles.dtype, device=particles.device) + drop
+
+
+class Stack:
+    def __init__(self, model, loc_model, tmp_path, *, loc_overrides=(), sim_overrides=(), num_contexts=8):
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
+        kw = {"context": self.ctx}
+        self.sim = SimNode(parameter_overrides=[
+            Parameter("world_seed", value=SEED), Parameter("rate", value=0.0),
+            Parameter("num_contexts", value=num_contexts), Parameter("trajectory_steps", value=60),
+            *sim_overrides], **kw)
+        self.mapping = MappingNode(model=model, parameter_overrides=[
+            Parameter("map_file", value=str(tmp_path / "map.safetensors"))], **kw)
+        self.loc = LocalizationNode(model=loc_model, parameter_overrides=[
+            Parameter("max_particles", value=128), Parameter("tracking_particles", value=64),
+            Parameter("update_min_d", value=0.0), Parameter("update_min_a", value=0.0),
+            Parameter("diagnostics_period", value=0.2), *loc_overrides], **kw)
+        self.probe = rclpy.create_node("probe", context=self.ctx)
+        self.diags: list[DiagnosticStatus] = []
+        self.poses: list[PoseWithCovarianceStamped] = []
+        self.probe.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)
+        from dmn_ros.ros.localization_node import POSE_QOS
+
+        self.probe.create_subscription(PoseWithCovarianceStamped, "dmn_pose", self.poses.append, POSE_QOS)
+        self.initialpose = self.probe.create_publisher(PoseWithCovarianceStamped, "initialpose", 10)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        for n in (self.sim, self.mapping, self.loc, self.probe):
+            self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_diag(self, msg: DiagnosticArray) -> None:
+        self.diags.extend(s for s in msg.status if s.name.endswith("localization_node: localization"))
+
+    def wait(self, cond, timeout=20.0, what=""):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if cond():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def latest_diag(self, after: int = 0, timeout=10.0) -> DiagnosticStatus:
+        self.wait(lambda: len(self.diags) > after, timeout, "diagnostics")
+        return self.diags[-1]
+
+    def map_ready(self, n):
+        self.sim.publish_contexts()
+        self.wait(lambda: self.loc.localizer.has_map and len(self.loc.localizer.view_map) == n, what="map at loc")
+
+    def step_and_wait(self, timeout=20.0) -> DiagnosticStatus:
+        """One sim frame; returns the DiagnosticStatus published for that filter update (stamp-matched)."""
+        n = self.loc.counters["processed"]
+        stamp = self.sim.step_once()
+        self.wait(lambda: self.loc.counters["processed"] > n, timeout, "filter step")
+        self.wait(lambda: any(abs(stamp_to_sec(p.header.stamp) - stamp) < 1e-6 for p in self.poses[-3:]),
+                  timeout, "pose")
+        self.wait(lambda: any(d.values and _kv(d).get("processed") == str(n + 1) for d in self.diags[-5:]),
+                  timeout, "diagnostics of the update")
+        return next(d for d in reversed(self.diags) if _kv(d).get("processed") == str(n + 1))
+
+    def init_pose(self, pose, cov):
+        msg = PoseWithCovarianceStamped()
+        msg.header.frame_id = "map"
+        msg.pose.pose = xyyaw_to_pose(np.asarray(pose, dtype=np.float64))
+        msg.pose.covariance = cov3_to_cov6(cov)
+        self.initialpose.publish(msg)
+        self.wait(lambda: self.loc.localizer.mode == "tracking", what="tracking")
+
+    def close(self):
+        self.executor.shutdown()
+        for n in (self.sim, self.mapping, self.loc, self.probe):
+            n.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+        self.thread.join(timeout=5)
+
+
+def _kv(status: DiagnosticStatus) -> dict[str, str]:
+    return {kv.key: kv.value for kv in status.values}
+
+
+def _level(status: DiagnosticStatus) -> int:
+    return status.level[0] if isinstance(status.level, bytes) else int(status.level)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "untrained.pt"
+    export_model(DMN(), path, meters_per_unit=20.0)
+    return load_model(path)
+
+
+def test_sim_kidnap_teleports_without_odometry(untrained, tmp_path):
+    from dmn_ros.ros.sim_node import SimNode as _Sim
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
+    try:
+        sim = _Sim(context=ctx, parameter_overrides=[
+            Parameter("world_seed", value=SEED), Parameter("rate", value=0.0), Parameter("num_contexts", value=2),
+            Parameter("trajectory_steps", value=30), Parameter("kidnap_at_step", value=5),
+            Parameter("odom_noise_xy", value=0.0), Parameter("odom_noise_yaw", value=0.0)])
+        truths, odoms = [], []
+        for _ in range(8):
+            sim.step_once()
+            truths.append(sim.truth.copy())
+            odoms.append(sim.odom_pose.copy())
+        assert sim.kidnapped_at == 4  # the 5th frame
+        jumps = [float(np.hypot(*(truths[i + 1][:2] - truths[i][:2]))) for i in range(7)]
+        odo = [float(np.hypot(*(odoms[i + 1][:2] - odoms[i][:2]))) for i in range(7)]
+        assert odo[3] == 0.0  # the odometry felt nothing at the kidnapping...
+        assert all(abs(j - o) < 1e-9 for i, (j, o) in enumerate(zip(jumps, odo, strict=True)) if i != 3)
+        assert bool(sim.world.is_free(truths[4][None, :2])[0])  # ...to a free pose
+        assert not np.allclose(truths[4], truths[3])
+        sim.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+
+
+def test_diagnostics_levels_and_forced_kidnap_recovery_over_dds(untrained, tmp_path):
+    """ERROR (no map) → ERROR (not initialized) → OK (converged) → ERROR (lost, kidnapped) → global relocalization."""
+    sim_ref = [None]
+    forced = LoadedModel(KidnapForcedModel(untrained.module, sim_ref), untrained.info, untrained.device,
+                         untrained.path)
+    s = Stack(untrained, forced, tmp_path, sim_overrides=[Parameter("kidnap_at_step", value=KIDNAP_AT)],
+              loc_overrides=[Parameter("health.converged_xy", value=5.0),
+                             Parameter("health.converged_yaw", value=1.0),
+                             Parameter("health.converged_updates", value=2),
+                             Parameter("health.warmup_updates", value=3),
+                             Parameter("lost_updates_before_global", value=2)])
+    sim_ref[0] = s.sim
+    try:
+        d = s.latest_diag()
+        assert _level(d) == DiagnosticStatus.ERROR[0] and "no map" in d.message
+        assert _kv(d)["has_map"] == "false"
+        s.map_ready(8)
+        n = len(s.diags)
+        d = s.latest_diag(after=n)
+        assert _level(d) == DiagnosticStatus.ERROR[0] and "not initialized" in d.message
+        s.sim.step_once()  # frame 1, dropped: not initialized
+        s.wait(lambda: s.loc.counters["dropped_not_ready"] >= 1, what="not-ready drop")
+        s.init_pose(s.sim.truth, np.diag([0.01, 0.01, 0.001]))
+        levels = []
+        for _ in range(KIDNAP_AT - 2):  # frames 2..7: before the kidnapping
+            levels.append(_level(d := s.step_and_wait()))
+        assert levels[0] == DiagnosticStatus.WARN[0]  # not converged yet (N = 2 updates)
+        assert levels[1:] == [DiagnosticStatus.OK[0]] * (len(levels) - 1), levels
+        kv = _kv(d)
+        assert kv["converged"] == "true" and kv["lost"] == "false" and float(kv["ess"]) == pytest.approx(64.0)
+        assert float(kv["spread_xy_m"]) < 5.0 and float(kv["likelihood_ratio"]) == pytest.approx(1.0)
+        assert s.sim.kidnapped_at is None
+        after = []
+        for _ in range(7):  # frame 8 is the kidnapping
+            d = s.step_and_wait()
+            after.append((_level(d), _kv(d)))
+        assert s.sim.kidnapped_at == KIDNAP_AT - 1
+        # ratio 0.5/0.95, 0.277, 0.146, 0.077, 0.040 < 0.05: lost (ERROR) at the 5th frame after the kidnapping.
+        lvls = [lv for lv, _ in after]
+        first_error = lvls.index(DiagnosticStatus.ERROR[0])
+        assert first_error == 4 and after[first_error][1]["lost"] == "true", lvls
+        # Two lost updates in a row restart global localization; its first update is WARN (spread).
+        s.wait(lambda: s.loc.localizer.recoveries["global"] == 1, what="global relocalization")
+        d = s.step_and_wait()
+        assert _kv(d)["global_relocalizations"] == "1" and _kv(d)["mode"] == "global"
+        assert _level(d) == DiagnosticStatus.WARN[0] and float(_kv(d)["spread_xy_m"]) > 5.0
+        assert int(_kv(d)["num_particles"]) == 128
+    finally:
+        s.close()
+
+
+# ---- shipped model --------------------------------------------------------------------------------
+def _shipped():
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip(f"trained model {path} not present")
+    return load_model(path)
+
+
+def _kidnap_run(model, *, recovery: dict, seed: int = 20_000_010, steps: int = 30, kidnap: int = 8):
+    """A seeded ROS-free kidnapped-robot run with the Localizer; returns x-y errors (m) per step."""
+    from dmn_ros.data import egomotion_from_poses
+    from dmn_ros.worlds import make_world, smooth_trajectory
+
+    rng = np.random.default_rng(seed)
+    world = make_world("maze", seed=seed, image_size=(32, 32))
+    try:
+        ctx = world.sample_free_poses(32, rng)
+        vm = ViewMap.for_model(model.info)
+        vm.add(embeddings=embed_images(model, list(world.render(ctx))), poses=ctx, ids=[f"c/{i}" for i in range(32)])
+        first = smooth_trajectory(world, rng, steps=kidnap)
+        second = smooth_trajectory(world, rng, steps=steps - kidnap)
+        truth = np.concatenate([first, second])
+        images = world.render(truth)
+    finally:
+        world.close()
+    ego, _ = egomotion_from_poses(truth, rng=rng, noise_std=(0.05, 0.01))
+    ego[kidnap] = 0.0  # the kidnapping is invisible to odometry
+    cfg = LocalizerConfig(max_particles=1024, tracking_particles=256, device="cpu",
+                          health=HealthConfig(), **recovery)
+    loc = Localizer(model, config=cfg, seed=0)
+    loc.set_map(vm)
+    loc.init_pose(truth[0], np.diag([0.25, 0.25, 0.01]))
+    errs = []
+    for t in range(steps):
+        est = loc.step(images[t], None if t == 0 else ego[t])
+        errs.append(float(np.hypot(*(est.mean[:2] - truth[t, :2]))))
+    return np.asarray(errs), loc
+
+
+def test_shipped_recovery_on_vs_off_after_kidnapping():
+    model = _shipped()
+    off, loc_off = _kidnap_run(model, recovery={})
+    on, loc_on = _kidnap_run(model, recovery={"lost_updates_before_global": 2, "recovery_alpha_slow": 0.001,
+                                              "recovery_alpha_fast": 0.1})
+    thr = 8.94
+    t_off = time_to_recover(off, kidnap_step=8, threshold_m=thr, hold=3)
+    t_on = time_to_recover(on, kidnap_step=8, threshold_m=thr, hold=3)
+    print(f"recovery off: {t_off} steps, errors {np.round(off[8:], 1)}; on: {t_on} steps, "
+          f"errors {np.round(on[8:], 1)}, recoveries {loc_on.recoveries}")
+    assert loc_off.recoveries == {"injections": 0, "injected_particles": 0, "global": 0}
+    assert t_on is not None and (t_off is None or t_on <= t_off)
+    assert math.isfinite(on[-5:].mean()) and on[-5:].mean() < max(off[-5:].mean(), thr)
