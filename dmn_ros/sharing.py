@@ -213,7 +213,8 @@ class ContextLedger:
         self.own_seq_floor = 0
         """One past the highest sequence number seen with this robot's id: new own ids start here at least,
         so a robot restarted without its map does not reuse ids that peers already hold."""
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter({k: 0 for k in ("received", "own_echo", "merged", "thinned")})
+        self.counters.update({r.value: 0 for r in Rejection})
         """``received`` (views from peers), ``own_echo`` (own views coming back, ignored), ``merged`` (own and
         peers' views added), ``thinned`` and one per :class:`Rejection` value."""
 

@@ -97,7 +97,7 @@ def test_screen_rejects_and_counts_each_reason():
         (_batch(["robot1/000000"], poses=[[np.nan, 0, 0]]), Rejection.NON_FINITE),
         (_batch(["robot2/000007"]), Rejection.ID_COLLISION),
     ):
-        fresh, problems = led.screen(batch)
+        _fresh, problems = led.screen(batch)
         assert led.counters[reason.value] >= 1 and problems[-1][0] is reason, reason
     assert led.own_seq_floor == 8 and led.next_seq([]) == 8  # a restarted robot does not reuse peers' ids
     b = _batch(["robot1/000000"])

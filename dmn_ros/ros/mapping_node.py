@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class MappingNode(Node):
             keep_images=self.sharing and self.share_format is ShareFormat.IMAGES,
         )
         """Dedup memory, validation and the max_contexts policy for own and shared views."""
+        self._sync_ledger_counters()
         self._to_share: list[str] = []
         self._sync_reply_due = False
         self._sync_subs_seen = 0
@@ -138,6 +140,8 @@ class MappingNode(Node):
             self.create_subscription(PointCloud2, topic, self._on_shared, shared_qos(4 * self.p["shared_history"]))
             self.sync_pub = self.create_publisher(String, topic + "/sync", SYNC_QOS)
             self.create_subscription(String, topic + "/sync", self._on_sync_request, SYNC_QOS)
+            self.create_service(Trigger, "~/sync_map", self._on_sync_map)
+            self._sync_until = time.monotonic() + float(self.p["sync_window"])
             self.create_timer(0.5, self._sync_tick)
             self._to_share = list(self.view_map.ids)  # a loaded map is offered to the peers once
         self.create_timer(0.2, self._flush)
@@ -276,13 +280,24 @@ class MappingNode(Node):
             self._sync_reply_due = True  # answered once per flush, however many peers asked
 
     def _sync_tick(self) -> None:
-        """Ask for the full map whenever a new peer (its sync subscriber) appears."""
+        """While joining (``sync_window`` s), ask for the full map whenever a new peer appears.
+
+        Later arrivals need no request: they announce their own views, and ask us themselves.
+        """
         n = self.sync_pub.get_subscription_count()
-        if n > self._sync_subs_seen:
-            self.sync_pub.publish(String(data=json.dumps({"robot_id": self.robot_id,
-                                                          "num_views": len(self.view_map)})))
-            self.counters["sync_requests"] += 1
+        if n > self._sync_subs_seen and time.monotonic() < self._sync_until:
+            self._request_sync()
         self._sync_subs_seen = n
+
+    def _request_sync(self) -> None:
+        self.sync_pub.publish(String(data=json.dumps({"robot_id": self.robot_id, "num_views": len(self.view_map)})))
+        self.counters["sync_requests"] += 1
+
+    def _on_sync_map(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        """Ask every peer for its full map now (e.g. after a network partition longer than the history)."""
+        self._request_sync()
+        resp.success, resp.message = True, f"asked {max(self.sync_pub.get_subscription_count() - 1, 0)} peer(s)"
+        return resp
 
     def _share(self) -> None:
         """Publish own new views, and the whole merged map if a peer asked for it."""

@@ -40,6 +40,7 @@ MAPPING: ParamTable = {
     "share_format": ("embeddings", "what own contexts are shared as: embeddings or images"),
     "shared_history": (20, "shared messages kept for late joiners (transient_local depth)"),
     "shared_batch": (50, "most contexts per shared message"),
+    "sync_window": (10.0, "s after start in which each newly discovered peer is asked for the full map"),
 }
 
 LOCALIZATION: ParamTable = {
