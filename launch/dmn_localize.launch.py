@@ -6,15 +6,42 @@ Starts ``localization_node`` and, with ``start_mapping:=true``, ``mapping_node``
 ``map_file`` override the file's ``model_path`` / ``map_file`` when non-empty.
 Here (pip-installed ROS, no ``launch``) ``make demo`` composes the same nodes with the
 same YAML in one process instead (``dmn_ros/demo.py``).
+
+With a ``namespace`` (one robot of a fleet, ``docs/multirobot.md``) the YAML's plain
+``mapping_node:`` sections would not match ``/robot1/mapping_node``, so each node then
+gets its merged sections as a parameter dict instead of the file.
 """
 
 import os
 
+import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _params_for(params_file: str, name: str, namespace: str) -> dict:
+    """The parameters a node ``name`` in ``namespace`` gets from ``params_file``, as rcl would match them
+    without the namespace: ``/**``, ``/**/<name>``, ``<name>``, ``/<name>`` and ``/<namespace>/<name>``."""
+    with open(params_file) as f:
+        doc = yaml.safe_load(f) or {}
+    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
+    out: dict = {}
+    for key in ("/**", "/**/" + name, name, "/" + name, f"{ns}/{name}"):
+        out.update(_flatten((doc.get(key) or {}).get("ros__parameters") or {}))
+    return out
 
 
 def _nodes(context, *_args, **_kwargs) -> list:
@@ -28,21 +55,28 @@ def _nodes(context, *_args, **_kwargs) -> list:
         loc_over["model_path"] = map_over["model_path"] = cfg["model"]
     if cfg["map_file"]:
         map_over["map_file"] = cfg["map_file"]
+    namespace = cfg["namespace"]
+
+    def params(name: str, over: dict) -> list:
+        if namespace.strip("/"):
+            return [_params_for(params_file, name, namespace), over]
+        return [params_file, over]
+
     common = {
-        "namespace": cfg["namespace"],
+        "namespace": namespace,
         "output": "screen",
         "arguments": ["--ros-args", "--log-level", cfg["log_level"]],
     }
     nodes = [
         Node(package="dmn_ros", executable="localization_node", name="localization_node",
-             parameters=[params_file, loc_over], **common),
+             parameters=params("localization_node", loc_over), **common),
     ]
     if cfg["start_mapping"].lower() in ("true", "1", "yes"):
         nodes.append(Node(package="dmn_ros", executable="mapping_node", name="mapping_node",
-                          parameters=[params_file, map_over], **common))
+                          parameters=params("mapping_node", map_over), **common))
     if cfg["demo"].lower() in ("true", "1", "yes"):
         nodes.append(Node(package="dmn_ros", executable="sim_node", name="sim_node",
-                          parameters=[params_file, {"use_sim_time": use_sim_time}], **common))
+                          parameters=params("sim_node", {"use_sim_time": use_sim_time}), **common))
     return nodes
 
 

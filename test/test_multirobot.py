@@ -317,3 +317,42 @@ def test_trained_robot2_tracks_on_the_merged_map(tmp_path):
     finally:
         r2.close()
         r1.close()
+
+
+def _launch_helpers():
+    """``_params_for`` from the launch file (``launch`` itself is not importable here)."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "launch" / "dmn_localize.launch.py"
+    tree = ast.parse(path.read_text())
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_flatten", "_params_for")]
+    ns: dict = {"yaml": __import__("yaml")}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), ns)
+    return ns["_params_for"]
+
+
+def test_namespaced_launch_gets_node_sections(untrained, tmp_path):
+    """``namespace:=robot2`` must not lose the YAML's node sections (rcl matches ``mapping_node:`` only at /)."""
+    import yaml
+
+    params_for = _launch_helpers()
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((root / "config" / "dmn_localize.yaml").read_text())
+    doc["mapping_node"]["ros__parameters"]["share_contexts"] = True  # what a fleet's params file sets
+    doc["/robot2/mapping_node"] = {"ros__parameters": {"max_contexts": 500}}  # a per-robot section
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump(doc))
+    mp = params_for(str(fleet), "mapping_node", "robot2")
+    assert mp["share_contexts"] is True and mp["max_contexts"] == 500 and mp["global_frame_id"] == "map"
+    assert params_for(str(fleet), "mapping_node", "robot1")["max_contexts"] == 1000
+    lp = params_for(str(fleet), "localization_node", "/robot2")
+    assert lp["initial_pose.std_xy"] == 6.0 and "share_contexts" not in lp
+    r = Robot(untrained, tmp_path, "robot2")
+    try:
+        node = r.add(MappingNode(model=untrained, namespace="robot2", context=r.ctx,
+                                 parameter_overrides=[Parameter(k, value=v) for k, v in mp.items()]))
+        assert node.sharing and node.robot_id == "robot2" and node.ledger.max_contexts == 500
+        assert node.get_fully_qualified_name() == "/robot2/mapping_node"
+    finally:
+        r.close()
