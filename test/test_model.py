@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmn_ros.filter import FilterConfig, encode_map, init_gaussian, run_episode
+from dmn_ros.filter import Belief, FilterConfig, encode_map, init_gaussian, run_episode
+from dmn_ros.filter.belief import uniform_log_weights
 from dmn_ros.geometry import compose
 from dmn_ros.model import DMN
 from dmn_ros.training.loss import pose_mse
@@ -134,14 +135,26 @@ def test_torchscript_matches_eager():
 
 
 def test_learns_to_pick_matching_context():
-    """Toy task: particles sit on the context poses; the one whose image matches the query must win."""
+    """Toy task: two particles sit on the two context poses; the one whose image matches the query must win.
+
+    With uniform weights the estimate is the midpoint of the two poses; learning moves it to the match.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small kernels: one thread is faster and immune to a busy machine
+    try:
+        _train_toy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_toy():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = DMN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    b, n = 16, 4
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)  # 1e-3 oscillates on this task
+    n = 2
 
-    def batch():
+    def batch(b):
         colors = torch.rand(b, n, 3, 1, 1, generator=g)
         ctx = (colors + 0.05 * torch.randn(b, n, 3, 32, 32, generator=g)).clamp(0, 1)
         cp = torch.rand(b, n, 3, generator=g) * 2 - 1
@@ -150,19 +163,19 @@ def test_learns_to_pick_matching_context():
         return ctx, cp, query, cp[torch.arange(b), target]
 
     def loss_of(ctx, cp, query, truth):
-        belief = init_gaussian(mean=torch.zeros(b, 3), std=(0.0, 0.0, 0.0), num_particles=n)
-        belief = belief._replace(particles=cp.clone())  # candidates: the context poses
+        b = ctx.shape[0]
+        belief = Belief(cp.clone(), uniform_log_weights(b, n, like=cp))  # candidates: the context poses
         pm = encode_map(model, images=ctx, poses=cp)
         res, _ = run_episode(model, belief=belief, prepared_map=pm, queries=query.unsqueeze(1),
                              egomotion=torch.zeros(b, 1, 3), config=FilterConfig(resampling="none"))
         return pose_mse(res[0].mean, truth)
 
-    eval_batch = batch()
+    eval_batch = batch(64)
     with torch.no_grad():
         before = float(loss_of(*eval_batch))
-    for _ in range(150):
+    for _ in range(300):
         opt.zero_grad()
-        loss = loss_of(*batch())
+        loss = loss_of(*batch(16))
         loss.backward()
         opt.step()
     with torch.no_grad():
