@@ -47,6 +47,12 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
     assert loaded.info.fingerprint == weights_fingerprint(best)
     assert loaded.info.meters_per_unit == 20.0 and (loaded.info.image_height, loaded.info.image_width) == (32, 32)
 
+    # dmn-export turns the checkpoint into the same model train() exported.
+    from dmn_ros.training.export_cli import main as export_main
+
+    assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "again.pt")]) == 0
+    assert load_model(tmp_path / "again.pt").info.fingerprint == loaded.info.fingerprint
+
     # Resume: continues from step 3 with the saved weights, not from scratch.
     before = {k: v.clone() for k, v in state["model"].items()}
     train(cfg.__class__(**{**cfg.__dict__, "max_steps": 5}), progress=False)
