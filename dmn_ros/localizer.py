@@ -42,7 +42,15 @@ from dmn_ros.geometry import MetricScale
 from dmn_ros.images import prepare_image
 from dmn_ros.maps import ViewMap
 
-__all__ = ["Estimate", "Localizer", "LocalizerConfig", "NotReadyError", "embed_images", "resolve_device"]
+__all__ = [
+    "Estimate",
+    "Localizer",
+    "LocalizerConfig",
+    "NotReadyError",
+    "embed_images",
+    "model_covariance_inflation",
+    "resolve_device",
+]
 
 _log = logging.getLogger("dmn_ros.localizer")
 
@@ -90,7 +98,7 @@ class LocalizerConfig:
     """Restart global localization after this many consecutive ``lost`` updates; 0 = never."""
     covariance_inflation: float | None = None
     """x-y variance inflation applied to published covariances; None: the model's
-    ``config["covariance_inflation"]`` if it has one, else 1.0."""
+    ``config["calibration"]["covariance_inflation"]`` if it has one, else 1.0."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,17 @@ def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor
     return emb.float().cpu().numpy()
 
 
+def model_covariance_inflation(config: dict) -> float:
+    """The calibration an exported model carries: ``config["calibration"]["covariance_inflation"]``, else 1.0.
+
+    (A top-level ``config["covariance_inflation"]`` is accepted too.) ``dmn_ros.export`` can write it
+    from :func:`dmn_ros.evaluation.health_metrics.fit_inflation` on validation runs (docs/health.md).
+    """
+    cal = config.get("calibration")
+    value = cal.get("covariance_inflation") if isinstance(cal, dict) else config.get("covariance_inflation")
+    return float(value) if value else 1.0
+
+
 class Localizer:
     """One robot's DMN particle filter with metric inputs and outputs."""
 
@@ -152,7 +171,7 @@ class Localizer:
         """Recovery actions taken since construction."""
         inflation = self.config.covariance_inflation
         if inflation is None:
-            inflation = float(model.info.config.get("covariance_inflation", 1.0) or 1.0)
+            inflation = model_covariance_inflation(model.info.config)
         if not (math.isfinite(inflation) and inflation > 0.0):
             raise ValueError(f"covariance_inflation must be > 0, got {inflation}")
         self.covariance_inflation: float = float(inflation)
