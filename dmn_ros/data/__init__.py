@@ -1,7 +1,8 @@
 """Datasets for DMN: the on-disk format, episode sampling, and PyTorch streams.
 
 One format (``dataset.yaml`` + ``envs/<name>.npz``, no pickle) serves synthetic worlds
-and users' own robot logs alike; episodes follow the odometry convention of
+and users' own robot logs alike (converted by ``from_bag``, ``from_folder`` and ``dmn-dataset``);
+episodes follow the odometry convention of
 ``dmn_ros.geometry`` (``egomotion[t] = relative(pose[t-1], pose[t])``, row 0 zero).
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "SPLITS",
     "SPLIT_SEED_OFFSETS",
     "ContextMode",
+    "ConvertOptions",
     "DatasetDir",
     "DatasetFormatError",
     "DatasetMeta",
@@ -40,9 +42,12 @@ __all__ = [
     "EpisodeDataset",
     "OnTheFlyEpisodes",
     "QueryMode",
+    "TimeRange",
+    "bag_to_views",
     "egomotion_from_poses",
     "env_name",
     "env_seed",
+    "folder_to_views",
     "generate_env_views",
     "sample_episode_from_views",
 ]
@@ -54,4 +59,13 @@ def __getattr__(name: str) -> object:
         from dmn_ros.data import torch_dataset
 
         return getattr(torch_dataset, name)
+    # Own-data converters pull in rosbags and OpenCV: also imported only when asked for.
+    if name in ("ConvertOptions", "TimeRange", "bag_to_views"):
+        from dmn_ros.data import from_bag
+
+        return getattr(from_bag, name)
+    if name == "folder_to_views":
+        from dmn_ros.data import from_folder
+
+        return getattr(from_folder, name)
     raise AttributeError(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -153,8 +154,18 @@ class EnvViews:
                                      f"{self.images.shape} {self.images.dtype}")
         if self.poses.shape != (n, 3) or self.stamps.shape != (n,) or self.trajectory_ids.shape != (n,):
             raise DatasetFormatError(f"{self.name}: poses/stamps/trajectory_ids do not match {n} images")
-        if not np.isfinite(self.poses).all():
-            raise DatasetFormatError(f"{self.name}: non-finite poses")
+        if n == 0:
+            raise DatasetFormatError(f"{self.name}: empty environment (no views)")
+        bad = np.flatnonzero(~np.isfinite(self.poses).all(axis=1))
+        if len(bad):
+            raise DatasetFormatError(f"{self.name}: {len(bad)} of {n} poses are NaN or infinite "
+                                     f"(first at row {int(bad[0])})")
+        if not np.isfinite(self.stamps).all():
+            raise DatasetFormatError(f"{self.name}: non-finite stamps")
+        same = self.trajectory_ids[1:] == self.trajectory_ids[:-1]
+        back = np.flatnonzero(same & (np.diff(self.stamps) < 0))
+        if len(back):
+            raise DatasetFormatError(f"{self.name}: stamps go backwards within a trajectory at row {int(back[0]) + 1}")
 
     def trajectories(self) -> list[np.ndarray]:
         """Row indices of each trajectory, in time order."""
@@ -233,6 +244,10 @@ class DatasetDir:
     def load_env(self, name: str) -> EnvViews:
         """Read one environment's views (never unpickles)."""
         p = self.env_path(name)
+        if not p.is_file():
+            listed = [s for s, names in self.meta.splits.items() if name in names]
+            raise DatasetFormatError(f"{p}: missing shard (environment {name!r}"
+                                     + (f", listed in split {listed[0]!r})" if listed else ")"))
         try:
             with np.load(p, allow_pickle=False) as z:
                 views = EnvViews(
@@ -242,10 +257,25 @@ class DatasetDir:
                     trajectory_ids=np.asarray(z["trajectory_ids"], dtype=np.int32),
                     name=name,
                 )
-        except (KeyError, ValueError, OSError) as e:
-            raise DatasetFormatError(f"{p}: {e}") from e
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DatasetFormatError(f"{p}: corrupt or unreadable shard ({type(e).__name__}: {e})") from e
         views.validate()
+        if tuple(views.images.shape[1:3]) != tuple(self.meta.image_size):
+            raise DatasetFormatError(f"{p}: image size {tuple(views.images.shape[1:3])} != dataset "
+                                     f"image_size {tuple(self.meta.image_size)} (mixed image sizes)")
         return views
+
+    def check(self) -> dict[str, int]:
+        """Load and validate every environment listed in any split; returns views per environment.
+
+        Raises :class:`DatasetFormatError` at the first missing, corrupt, empty, NaN or
+        wrongly sized shard, so a bad dataset fails before training starts, not hours in.
+        """
+        counts: dict[str, int] = {}
+        for split in SPLITS:
+            for name in self.meta.splits.get(split, []):
+                counts[name] = len(self.load_env(name).poses)
+        return counts
 
     def write_env_file(self, views: EnvViews) -> Path:
         """Atomically write ``envs/<name>.npz`` without touching dataset.yaml (safe from worker processes)."""
