@@ -86,15 +86,23 @@ def export_model(
     meters_per_unit: float,
     area_size_m: float = 40.0,
     description: str = "",
+    calibration: dict[str, float] | None = None,
 ) -> ModelInfo:
-    """Script ``model`` and save it with its metadata, atomically."""
+    """Script ``model`` and save it with its metadata, atomically.
+
+    ``calibration`` (e.g. ``{"covariance_inflation": s}``, fitted on validation runs) is
+    stored in ``config["calibration"]``, where the Localizer reads it.
+    """
     model = model.to("cpu").eval()
+    config: dict[str, Any] = dict(model.config())
+    if calibration:
+        config["calibration"] = {k: float(v) for k, v in calibration.items()}
     info = ModelInfo(
         image_height=model.image_height,
         image_width=model.image_width,
         meters_per_unit=float(meters_per_unit),
         fingerprint=weights_fingerprint(model),
-        config=model.config(),
+        config=config,
         embed_shape=(model.embed_dim, model.feat_h, model.feat_w),
         area_size_m=float(area_size_m),
         description=description,

@@ -52,6 +52,15 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
 
     assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "again.pt")]) == 0
     assert load_model(tmp_path / "again.pt").info.fingerprint == loaded.info.fingerprint
+    # ... and with --calibrate stores a fitted covariance inflation that the Localizer applies.
+    from dmn_ros.localizer import Localizer
+
+    assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "cal.pt"), "--calibrate", str(tiny_dataset),
+                        "--calibrate-episodes", "2"]) == 0
+    cal = load_model(tmp_path / "cal.pt")
+    s = cal.info.config["calibration"]["covariance_inflation"]
+    assert s > 0 and cal.info.fingerprint == loaded.info.fingerprint
+    assert Localizer(cal).covariance_inflation == pytest.approx(s)
 
     # Resume: continues from step 3 with the saved weights, not from scratch.
     before = {k: v.clone() for k, v in state["model"].items()}
