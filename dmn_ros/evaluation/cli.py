@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dmn_ros.evaluation.protocol import (
+    EpisodeSet,
     EvalSettings,
     closest_context_errors,
     make_episode_set,
@@ -20,16 +22,24 @@ from dmn_ros.evaluation.protocol import (
     success_threshold_m,
     uninformed_errors,
 )
-from dmn_ros.export import atomic_write_bytes, default_model_path, load_model
+from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
+from dmn_ros.geometry import MetricScale
 
 
 def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
+def _in_model_scale(eps: EpisodeSet, model: LoadedModel) -> EpisodeSet:
+    """The model sees coordinates normalized with *its* meters_per_unit (SPEC "one metric scale")."""
+    s = eps.scale
+    return dataclasses.replace(eps, scale=MetricScale(model.info.meters_per_unit, s.origin_x, s.origin_y))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", action="append", help="exported model(s); several = seeds, averaged")
+    p.add_argument("--baseline-model", help="also evaluate this model on the same episodes: a before/after table")
     p.add_argument("--data", default="/work/cache/maze32")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="out/eval")
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def per_model(settings: EvalSettings) -> np.ndarray:
         """(seeds, E, T) errors."""
-        return np.stack([run_filter(m.module, eps, settings, device=args.device) for m in models])
+        return np.stack([run_filter(m.module, _in_model_scale(eps, m), settings, device=args.device) for m in models])
 
     t0 = time.monotonic()
     glob = per_model(EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc,
@@ -143,6 +153,30 @@ def main(argv: list[str] | None = None) -> int:
         fig.tight_layout()
         fig.savefig(out / f"success_vs_{name}.png", dpi=120)
         plt.close(fig)
+
+    if args.baseline_model:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes
+        base = load_model(args.baseline_model, device=args.device)
+        b_eps = _in_model_scale(eps, base)
+        g_set = EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc, seed=args.seed)
+        t_set = EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5, num_contexts=args.nc,
+                             seed=args.seed)
+        b_glob = run_filter(base.module, b_eps, g_set, device=args.device)
+        b_trk = run_filter(base.module, b_eps, t_set, device=args.device)
+        b_succ, b_rmse = success_rate(b_glob, thr), rmse(b_trk)
+        a_succ, a_rmse = succ.mean(0), trk_rmse.mean(0)
+        md += [
+            "",
+            f"Before/after on the same {len(eps.episodes)} episodes: before = {args.baseline_model}, "
+            f"after = {', '.join(m.path for m in models)}",
+            "",
+            "| metric | before | after | change |",
+            "|---|---|---|---|",
+            *[f"| global success t={t + 1} (%) | {100 * b_succ[t]:.1f} | {100 * a_succ[t]:.1f} | "
+              f"{100 * (a_succ[t] - b_succ[t]):+.1f} |" for t in (0, 4)],
+            f"| tracking RMSE t=5 (m) | {b_rmse[4]:.2f} | {a_rmse[4]:.2f} | {a_rmse[4] - b_rmse[4]:+.2f} |",
+        ]
+        summary["baseline"] = {"model": base.path, "fingerprint": base.info.fingerprint,
+                               "global_success": b_succ.tolist(), "tracking_rmse_m": b_rmse.tolist()}
 
     md.append(f"\nwall time {time.monotonic() - t0:.0f} s on {args.device}")
     atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())

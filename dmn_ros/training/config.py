@@ -72,6 +72,9 @@ class TrainConfig:
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU, where it is slower here)."""
     channels_last: bool = False
+    init: str = ""
+    """Fine-tune from this exported model (``.pt`` from dmn-export/dmn-train) or checkpoint: its
+    architecture and metric scale are kept; "" trains from scratch (docs/own_data.md)."""
 
     def stage_at(self, step: int) -> Stage:
         for s in self.curriculum:

@@ -119,6 +119,42 @@ def model_from_checkpoint(state: dict[str, Any]) -> DMN:
     return model
 
 
+def load_init_model(path: str | Path, *, image_size: tuple[int, int],
+                    overrides: dict[str, Any]) -> tuple[DMN, float, float]:
+    """A DMN with the weights of an exported model or a checkpoint: ``(model, meters_per_unit, area_size_m)``.
+
+    Raises ``ValueError`` when the dataset's image size or the ``model.*`` overrides do not
+    match the init model's architecture.
+    """
+    from dmn_ros.errors import ModelLoadError
+    from dmn_ros.export import load_model, weights_fingerprint
+
+    try:
+        loaded = load_model(path)
+        config, state = dict(loaded.info.config), loaded.module.state_dict()
+        mpu, area, fingerprint = loaded.info.meters_per_unit, loaded.info.area_size_m, loaded.info.fingerprint
+    except ModelLoadError as exc:
+        try:
+            ckpt = load_checkpoint(path)
+            config, state = dict(ckpt["model_config"]), ckpt["model"]
+            mpu, area, fingerprint = float(ckpt["meters_per_unit"]), float(ckpt["area_size_m"]), None
+        except Exception as exc2:
+            raise ValueError(f"init={path}: neither an exported model ({exc}) nor a checkpoint ({exc2})") from exc2
+    size = (int(config.get("image_height", 0)), int(config.get("image_width", 0)))
+    if size != tuple(image_size):
+        raise ValueError(f"init={path}: model images are {size[0]}x{size[1]} but the dataset's are "
+                         f"{image_size[0]}x{image_size[1]}; convert with --image-size {size[0]}x{size[1]}")
+    clash = {k: (v, config.get(k)) for k, v in overrides.items() if config.get(k) != v}
+    if clash:
+        raise ValueError(f"init={path}: model.* overrides change the architecture {clash} (given, init)")
+    model = DMN(**config)
+    model.load_state_dict(state)
+    if fingerprint is not None and weights_fingerprint(model) != fingerprint:
+        raise ValueError(f"init={path}: weights do not match the model's fingerprint {fingerprint}")
+    log.info("fine-tuning from %s (%s, meters_per_unit %.3g, area %.1f m)", path, config, mpu, area)
+    return model, float(mpu), float(area)
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -180,7 +216,19 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     area = float(meta.bounds[1] - meta.bounds[0])
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
 
-    model = DMN(image_height=meta.image_size[0], image_width=meta.image_size[1], **cfg.model).to(device)
+    if cfg.init:  # fine-tuning: the init model's architecture and metric scale win over the data's
+        model, init_mpu, init_area = load_init_model(cfg.init, image_size=tuple(meta.image_size), overrides=cfg.model)
+        if init_mpu != scale.meters_per_unit:
+            log.warning("dataset meters_per_unit %.3g differs from the init model's %.3g: normalizing with the "
+                        "model's", scale.meters_per_unit, init_mpu)
+            scale = MetricScale(init_mpu)
+        if area > 2.0 * init_area:
+            log.warning("dataset area %.1f m is more than twice the init model's training area %.1f m", area,
+                        init_area)
+        area = max(area, init_area)
+        model = model.to(device)
+    else:
+        model = DMN(image_height=meta.image_size[0], image_width=meta.image_size[1], **cfg.model).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
