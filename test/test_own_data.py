@@ -21,24 +21,32 @@ torch.set_num_threads(1)  # a training run shares this CPU
 
 # ---- helpers -------------------------------------------------------------------------------
 def _write_bag(path: Path, *, frames: list[tuple[float, np.ndarray]], poses: list[tuple[float, np.ndarray]],
-               pose_topic: str | None = "/gt") -> Path:
-    """A small mcap bag: ``/cam`` Image frames and (optionally) ``PoseStamped`` poses, both by header stamp."""
-    from rosbags.rosbag2 import Writer
+               pose_topic: str | None = "/gt", sqlite_png_odometry: bool = False) -> Path:
+    """A small bag: ``/cam`` frames and (optionally) poses, both by header stamp.
+
+    Default: mcap, raw ``Image``, ``PoseStamped``; ``sqlite_png_odometry``: sqlite3, PNG
+    ``CompressedImage`` on ``/cam/compressed``, ``nav_msgs/Odometry``.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
 
     from dmn_ros.bags.record import _Msgs, typestore
 
     ts = typestore()
     m = _Msgs(ts)
-    with Writer(path, version=9) as w:
-        cam = w.add_connection("/cam", "sensor_msgs/msg/Image", typestore=ts)
-        gt = w.add_connection(pose_topic, "geometry_msgs/msg/PoseStamped", typestore=ts) if pose_topic else None
+    alt = sqlite_png_odometry
+    img_t = "sensor_msgs/msg/CompressedImage" if alt else "sensor_msgs/msg/Image"
+    pose_t = "nav_msgs/msg/Odometry" if alt else "geometry_msgs/msg/PoseStamped"
+    with Writer(path, version=9, storage_plugin=StoragePlugin.SQLITE3 if alt else StoragePlugin.MCAP) as w:
+        cam = w.add_connection("/cam/compressed" if alt else "/cam", img_t, typestore=ts)
+        gt = w.add_connection(pose_topic, pose_t, typestore=ts) if pose_topic else None
         events = [(s, 0, rgb) for s, rgb in frames] + [(s, 1, p) for s, p in poses]
         for s, kind, x in sorted(events, key=lambda e: (e[0], e[1])):
             if kind == 0:
-                w.write(cam, round(s * 1e9), ts.serialize_cdr(m.image(x, s, "camera", "rgb8"), "sensor_msgs/msg/Image"))
+                msg = m.compressed(x, s, "camera") if alt else m.image(x, s, "camera", "rgb8")
+                w.write(cam, round(s * 1e9), ts.serialize_cdr(msg, img_t))
             elif gt is not None:
-                w.write(gt, round(s * 1e9), ts.serialize_cdr(m.pose_stamped(x, s, "map"),
-                                                              "geometry_msgs/msg/PoseStamped"))
+                msg = m.odometry(x, np.zeros(3), s, 0.0, 0.0) if alt else m.pose_stamped(x, s, "map")
+                w.write(gt, round(s * 1e9), ts.serialize_cdr(msg, pose_t))
     return path
 
 
@@ -279,6 +287,17 @@ def test_frames_without_pose_within_tolerance_are_counted(tmp_path: Path) -> Non
     np.testing.assert_allclose(views.stamps, [10.0, 10.5, 11.0, 11.5, 12.0, 13.5])
     np.testing.assert_allclose(views.poses[:, 0], [0.0, 0.5, 1.0, 1.5, 2.0, 5.0], atol=1e-9)
     assert views.trajectory_ids.tolist() == [0, 0, 0, 0, 0, 1]  # 1.5 s gap > max_gap: a new trajectory
+
+
+def test_sqlite3_bag_compressed_images_odometry_poses(tmp_path: Path) -> None:
+    frames = [(5.0 + 0.2 * i, _img(i)) for i in range(6)]
+    poses = [(5.0 + 0.05 * k, np.array([0.05 * k, 0.0, wrap_angle(3.0 + 0.1 * k)])) for k in range(25)]
+    bag = _write_bag(tmp_path / "sq", frames=frames, poses=poses, pose_topic="/odom", sqlite_png_odometry=True)
+    (views, rep), = bag_to_views(bag, camera_topic="/cam", pose_topic="/odom", opts=ALL)  # finds /cam/compressed
+    assert rep.kept == 6 and rep.unpaired == 0
+    np.testing.assert_array_equal(views.images[2], frames[2][1])  # PNG is lossless
+    np.testing.assert_allclose(views.poses[:, 0], 0.2 * np.arange(6), atol=1e-9)
+    np.testing.assert_allclose(wrap_angle(views.poses[:, 2] - (3.0 + 0.4 * np.arange(6))), 0.0, atol=1e-9)
 
 
 def test_all_frames_unpaired_is_an_empty_environment(tmp_path: Path) -> None:
