@@ -141,8 +141,8 @@ def test_init_must_match_architecture_and_image_size(tmp_path: Path) -> None:
     from dmn_ros.training.trainer import load_init_model
 
     path = tmp_path / "m.pt"
-    export_model(DMN(), path, meters_per_unit=20.0, area_size_m=40.0)
-    model, mpu, area = load_init_model(path, image_size=(32, 32), overrides={})
+    export_model(DMN(), path, meters_per_unit=20.0, area_size_m=40.0, calibration={"covariance_inflation": 2.0})
+    model, mpu, area = load_init_model(path, image_size=(32, 32), overrides={})  # calibration is not carried over
     assert (mpu, area) == (20.0, 40.0) and model.config()["image_height"] == 32
     with pytest.raises(ValueError, match="--image-size 32x32"):
         load_init_model(path, image_size=(64, 64), overrides={})

@@ -11,6 +11,7 @@ default to the paper's recipe when the curriculum has one random stage and
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
@@ -140,6 +141,12 @@ def load_init_model(path: str | Path, *, image_size: tuple[int, int],
             mpu, area, fingerprint = float(ckpt["meters_per_unit"]), float(ckpt["area_size_m"]), None
         except Exception as exc2:
             raise ValueError(f"init={path}: neither an exported model ({exc}) nor a checkpoint ({exc2})") from exc2
+    # Only constructor arguments: e.g. a covariance calibration fitted for the init weights is stale after fine-tuning.
+    arch = set(inspect.signature(DMN.__init__).parameters) - {"self"}
+    dropped = sorted(set(config) - arch)
+    if dropped:
+        log.info("init=%s: not carried over to the fine-tuned model: %s", path, dropped)
+    config = {k: v for k, v in config.items() if k in arch}
     size = (int(config.get("image_height", 0)), int(config.get("image_width", 0)))
     if size != tuple(image_size):
         raise ValueError(f"init={path}: model images are {size[0]}x{size[1]} but the dataset's are "
