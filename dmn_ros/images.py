@@ -15,8 +15,10 @@ import torch
 from dmn_ros.errors import DmnError
 
 __all__ = [
+    "MAX_COMPRESSED_PIXELS",
     "SUPPORTED_ENCODINGS",
     "ImageDecodeError",
+    "compressed_size",
     "decode_compressed",
     "decode_raw",
     "encode_raw",
@@ -97,18 +99,63 @@ def encode_raw(rgb: np.ndarray, encoding: str = "rgb8") -> tuple[int, int, int, 
     return h, w, w * 3, np.ascontiguousarray(rgb).tobytes()
 
 
+MAX_COMPRESSED_PIXELS = 64 * 1024 * 1024
+"""Largest ``width · height`` a compressed frame may declare (a decompression bomb is refused unread)."""
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def compressed_size(buf: bytes) -> tuple[str, int, int]:
+    """``(codec, width, height)`` from a PNG or JPEG header, without decoding; ImageDecodeError otherwise."""
+    if buf.startswith(_PNG_MAGIC):
+        if len(buf) < 24 or buf[12:16] != b"IHDR":
+            raise ImageDecodeError("png header is truncated")
+        return "png", int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
+    if buf.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 4 <= len(buf):
+            if buf[i] != 0xFF:
+                raise ImageDecodeError(f"jpeg marker expected at byte {i}")
+            marker = buf[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                i += 2
+                continue
+            if marker in _JPEG_SOF:
+                if i + 9 > len(buf):
+                    break
+                return "jpeg", int.from_bytes(buf[i + 7 : i + 9], "big"), int.from_bytes(buf[i + 5 : i + 7], "big")
+            i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+        raise ImageDecodeError("jpeg has no frame header")
+    raise ImageDecodeError(f"compressed image is neither png nor jpeg (starts with {buf[:8]!r})")
+
+
 def decode_compressed(data: bytes | bytearray | memoryview | np.ndarray, fmt: str = "") -> np.ndarray:
     """``sensor_msgs/CompressedImage`` bytes (jpeg or png) → RGB uint8 ``(H, W, 3)``.
 
     ``fmt`` is the message's ``format`` field; it is only used in error messages,
-    since the codec is recognized from the bytes themselves.
+    since the codec is recognized from the bytes themselves. Other codecs, and frames
+    declaring more than :data:`MAX_COMPRESSED_PIXELS`, are refused before decoding.
     """
     buf = _as_bytes_array(data)
+    what = fmt or "unknown format"
     if buf.size == 0:
-        raise ImageDecodeError(f"compressed image ({fmt or 'unknown format'}) is empty")
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        raise ImageDecodeError(f"compressed image ({what}) is empty")
+    try:
+        codec, width, height = compressed_size(buf[: 1 << 20].tobytes())  # headers precede the pixels
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"compressed image ({what}, {buf.size} bytes) is corrupt: {exc}") from exc
+    if width * height > MAX_COMPRESSED_PIXELS:
+        raise ImageDecodeError(f"compressed image ({what}) declares {width}x{height} pixels, more than "
+                               f"{MAX_COMPRESSED_PIXELS}")
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"compressed image ({what}, {buf.size} bytes) is corrupt: {exc}") from exc
     if img is None or img.size == 0:
-        raise ImageDecodeError(f"compressed image ({fmt or 'unknown format'}, {buf.size} bytes) is corrupt")
+        raise ImageDecodeError(f"compressed image ({what}, {codec}, {buf.size} bytes) is corrupt")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

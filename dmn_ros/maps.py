@@ -163,7 +163,9 @@ class ViewMap:
         except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
             raise MapError(f"{source} is not a readable dmn_ros map file: {exc}") from exc
         try:
-            if meta.get("format") != MAP_FORMAT:
+            if not isinstance(meta, dict) or meta.get("format") != MAP_FORMAT:
+                if not isinstance(meta, dict):
+                    raise MapError(f"{source} has a malformed header: {_META_KEY} is not an object")
                 raise MapError(f"{source} has format {meta.get('format')!r}, expected {MAP_FORMAT!r}")
             out = cls(
                 fingerprint=meta["fingerprint"],
@@ -171,14 +173,23 @@ class ViewMap:
                 embed_shape=meta["embed_shape"],
                 frame_id=meta["frame_id"],
             )
+            if not isinstance(meta["ids"], list):
+                raise MapError(f"{source} has a malformed header: ids is not a list")
+            if not (np.isfinite(out.meters_per_unit) and out.meters_per_unit > 0):
+                raise MapError(f"{source} has meters_per_unit {out.meters_per_unit}")
             ids = [str(i) for i in meta["ids"]]
             emb, poses = tensors["embeddings"], tensors["poses"]
         except MapError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise MapError(f"{source} has a malformed header: {exc}") from exc
         if expected_fingerprint is not None:
             out.check_fingerprint(expected_fingerprint, source=source)
+        if emb.dtype != np.float32 or poses.dtype not in (np.float64, np.float32):
+            raise MapError(f"{source}: embeddings are {emb.dtype} and poses {poses.dtype}, expected float32 and "
+                           "float64")
+        if len(ids) == 0 and (emb.size or poses.size):
+            raise MapError(f"{source}: no ids but embeddings {emb.shape} and poses {poses.shape}")
         if len(ids) and (emb.shape != (len(ids), *out.embed_shape) or poses.shape != (len(ids), 3)):
             raise MapError(f"{source}: {len(ids)} ids but embeddings {emb.shape} and poses {poses.shape}")
         if len(ids):

@@ -50,10 +50,15 @@ def stamp_to_sec(stamp: Time) -> float:
 
 
 def sec_to_stamp(t: float) -> Time:
+    """Float seconds → ``builtin_interfaces/Time``; ValueError if not finite or outside int32 seconds."""
+    if not math.isfinite(t):
+        raise ValueError(f"time {t} s is not representable as a ROS stamp")
     sec = math.floor(t)
     nsec = round((t - sec) * 1e9)
     if nsec >= 1_000_000_000:
         sec, nsec = sec + 1, nsec - 1_000_000_000
+    if not -(2**31) <= sec < 2**31:
+        raise ValueError(f"time {t} s is not representable as a ROS stamp")
     return Time(sec=int(sec), nanosec=nsec)
 
 
@@ -87,10 +92,11 @@ def pose_to_xyyaw(pose: Pose) -> np.ndarray:
     xy = np.array([pose.position.x, pose.position.y])
     if not (np.isfinite(q).all() and np.isfinite(xy).all()):
         raise PoseInputError("pose contains NaN or inf")
-    n = float(np.linalg.norm(q))
-    if n < 1e-9:
+    big = float(np.abs(q).max())
+    if big < 1e-9:
         raise PoseInputError("pose has a zero quaternion")
-    return np.array([xy[0], xy[1], float(quaternion_to_yaw(q / n))])
+    q = q / big  # scale first: the norm of a huge but finite quaternion would overflow
+    return np.array([xy[0], xy[1], float(quaternion_to_yaw(q / np.linalg.norm(q)))])
 
 
 def xyyaw_to_pose(p: np.ndarray) -> Pose:
@@ -333,7 +339,7 @@ def pointcloud_to_shared_batch(msg: PointCloud2, *, embed_shape: tuple[int, int,
             h, w = int(size[0]), int(size[1])
         except (ValueError, IndexError) as exc:
             raise SharedContextError(f"image field {pf.name} is not rgb8_<H>x<W>") from exc
-        if pf.datatype != PointField.UINT8 or pf.count != h * w * 3:
+        if h <= 0 or w <= 0 or pf.datatype != PointField.UINT8 or pf.count != h * w * 3:
             raise SharedContextError(f"image field {pf.name} has count {pf.count}, expected {h * w * 3} UINT8")
         batch.images = body.reshape(n, h, w, 3)
     return batch

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rclpy
+import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, TransformStamped
 from nav_msgs.msg import Odometry
@@ -34,9 +37,9 @@ from std_srvs.srv import Empty
 from visualization_msgs.msg import Marker, MarkerArray
 
 from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError
-from dmn_ros.export import LoadedModel, default_model_path, load_model
+from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
 from dmn_ros.filter import HealthConfig, HealthLevel
-from dmn_ros.geometry import yaw_to_quaternion
+from dmn_ros.geometry import relative, yaw_to_quaternion
 from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, resolve_device
 from dmn_ros.ros import params
 from dmn_ros.ros.conversions import (
@@ -53,6 +56,11 @@ from dmn_ros.ros.conversions import (
 )
 from dmn_ros.ros.mapping_node import MAP_QOS
 from dmn_ros.ros.transforms import OdometryBuffer, map_to_odom
+
+POSE_FORMAT = "dmn_ros.pose/1"
+"""Value of the ``format`` key in a saved-pose file (``pose_file``)."""
+NOT_DROPS = ("frames", "processed", "odom_jumps")
+"""Counters that are not dropped inputs (the rest add up to ``dropped`` on /diagnostics)."""
 
 POSE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 PARTICLE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
@@ -104,7 +112,7 @@ class LocalizationNode(Node):
         self.counters: dict[str, int] = {
             "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
-            "bad_maps": 0, "step_errors": 0,
+            "bad_maps": 0, "step_errors": 0, "future_stamp": 0, "odom_jumps": 0,
         }
         self._step_failed = False
         """Inputs used and dropped, by reason."""
@@ -121,6 +129,14 @@ class LocalizationNode(Node):
         self._last_map_to_odom: TransformStamped | None = None
         self.odom = OdometryBuffer(max_age_s=float(p["odom_buffer_s"]), tolerance_s=float(p["transform_tolerance"]))
         self._odom_seen = False
+        self._last_odom: np.ndarray | None = None
+        """Odometry pose at the last update: egomotion after the buffer has forgotten that stamp."""
+        self._odom_reset = False
+        """Odometry jumped or reset since the last update: the next update runs without motion."""
+        self.pose_file = resolve_pose_file(p["pose_file"], self.get_namespace(), self.get_name())
+        """Where the last estimate is saved (``save_pose_rate``) and read (``initialize_at_saved_pose``)."""
+        self.pose_saves = 0
+        self._saved_processed = -1
 
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "dmn_pose", POSE_QOS)
         self.cloud_pub = self.create_publisher(PoseArray, "particle_cloud", PARTICLE_QOS)
@@ -151,19 +167,44 @@ class LocalizationNode(Node):
                 self.tf = TransformBroadcaster(self)
             else:
                 self.get_logger().warning("tf2_ros is not importable: map->odom is not broadcast")
-        if p["set_initial_pose"]:
+        if float(p["save_pose_rate"]) > 0:
+            self.create_timer(1.0 / float(p["save_pose_rate"]), self.save_pose,
+                              callback_group=MutuallyExclusiveCallbackGroup())
+        saved = self._read_saved_pose() if p["initialize_at_saved_pose"] else None
+        if saved is not None:
+            self._init_pose(*saved)
+        elif p["set_initial_pose"]:
             sxy, syaw = float(p["initial_pose.std_xy"]), float(p["initial_pose.std_yaw"])
             self._init_pose([p["initial_pose.x"], p["initial_pose.y"], p["initial_pose.yaw"]],
                             np.diag([sxy**2, sxy**2, syaw**2]))
         self.get_logger().info(f"localizing with model {self.model.info.fingerprint} on {self.localizer.device}")
 
     # ---- inputs -----------------------------------------------------------------------------
+    def _too_far_ahead(self, stamp: float) -> bool:
+        """True (logged, counted) for a stamp more than ``max_stamp_ahead`` s ahead of the node clock.
+
+        Such a stamp would otherwise become the last update or odometry stamp, and every
+        later (correct) input would be dropped as out of order. Off while the clock reads 0
+        (``use_sim_time`` before the first ``/clock``).
+        """
+        ahead = float(self.p["max_stamp_ahead"])
+        now = self.get_clock().now().nanoseconds * 1e-9
+        if ahead <= 0 or now <= 0 or stamp <= now + ahead:
+            return False
+        self.counters["future_stamp"] += 1
+        self.get_logger().warning(f"input stamped {stamp - now:.1f} s ahead of the clock dropped "
+                                  f"(max_stamp_ahead {ahead} s)", throttle_duration_sec=5.0)
+        return True
+
     def _on_image(self, msg: Image | CompressedImage) -> None:
+        stamp = stamp_to_sec(msg.header.stamp)
         with self._lock:
             self.counters["frames"] += 1
+            if self._too_far_ahead(stamp):
+                return
             if self._pending is not None:
                 self.counters["dropped_newer_frame"] += 1
-            self._pending = (stamp_to_sec(msg.header.stamp), msg, time.monotonic())
+            self._pending = (stamp, msg, time.monotonic())
 
     def _on_odom(self, msg: Odometry) -> None:
         try:
@@ -172,8 +213,22 @@ class LocalizationNode(Node):
             self.counters["bad_odom"] += 1
             self.get_logger().warning(f"odometry dropped: {exc}", throttle_duration_sec=5.0)
             return
+        stamp = stamp_to_sec(msg.header.stamp)
         with self._lock:
-            if not self.odom.add(stamp_to_sec(msg.header.stamp), pose):
+            if self._too_far_ahead(stamp):
+                return
+            prev = self.odom.pose_at(self.odom.latest_stamp) if self.odom.latest_stamp is not None else None
+            jump = float(self.p["odom_jump_m"])
+            if (prev is not None and jump > 0 and stamp > (self.odom.latest_stamp or 0.0)
+                    and math.hypot(pose[0] - prev[0], pose[1] - prev[1]) > jump):
+                # Reset (e.g. the odometry driver restarted) or jump: motion across it is unknown.
+                self.counters["odom_jumps"] += 1
+                self.get_logger().warning(
+                    f"odometry jumped {math.hypot(pose[0] - prev[0], pose[1] - prev[1]):.2f} m (> odom_jump_m "
+                    f"{jump} m): treated as a reset, the next update runs without motion")
+                self.odom = OdometryBuffer(max_age_s=self.odom.max_age_s, tolerance_s=self.odom.tolerance_s)
+                self._odom_reset = True
+            if not self.odom.add(stamp, pose):
                 self.counters["bad_odom"] += 1
                 self.get_logger().warning("odometry dropped: out-of-order or non-finite stamp",
                                           throttle_duration_sec=5.0)
@@ -188,10 +243,23 @@ class LocalizationNode(Node):
             return
         try:
             mean = pose_to_xyyaw(msg.pose.pose)
+            self._check_in_map(mean)
             self._init_pose(mean, cov6_to_cov3(msg.pose.covariance))
         except (PoseInputError, ValueError) as exc:
             self.counters["bad_initialpose"] += 1
-            self.get_logger().warning(f"initialpose rejected: {exc}")
+            self.get_logger().error(f"initialpose rejected: {exc}")
+
+    def _check_in_map(self, mean: np.ndarray) -> None:
+        """ValueError if ``mean`` lies more than ``initialpose_margin`` m outside the map's view extent."""
+        margin = float(self.p["initialpose_margin"])
+        vm = self.localizer.view_map
+        if margin <= 0 or vm is None or len(vm) == 0:
+            return
+        xmin, xmax, ymin, ymax = vm.extent()  # type: ignore[misc]
+        out = max(xmin - mean[0], mean[0] - xmax, ymin - mean[1], mean[1] - ymax)
+        if out > margin:
+            raise ValueError(f"({mean[0]:.2f}, {mean[1]:.2f}) is {out:.1f} m outside the map's views "
+                             f"(x {xmin:.1f}..{xmax:.1f}, y {ymin:.1f}..{ymax:.1f}; initialpose_margin {margin} m)")
 
     def _init_pose(self, mean: Any, cov: np.ndarray) -> None:
         with self._lock:
@@ -297,8 +365,12 @@ class LocalizationNode(Node):
                                           f"({self.last_stamp:.3f}): dropped", throttle_duration_sec=5.0)
                 return
             delta = None
-            if self.last_stamp is not None and self._odom_seen:
+            if self.last_stamp is not None and self._odom_seen and not self._odom_reset:
                 delta = self.odom.egomotion(self.last_stamp, stamp)
+                if delta is None and self._last_odom is not None:
+                    # The buffer forgot the last update's stamp (the robot stood still > odom_buffer_s).
+                    now_odom = self.odom.pose_at(stamp)
+                    delta = None if now_odom is None else relative(self._last_odom, now_odom)
                 if delta is None:
                     self.counters["no_odom"] += 1
                     return
@@ -324,6 +396,9 @@ class LocalizationNode(Node):
                 self.publish_diagnostics()
                 return
             self._step_failed = False
+            if stamp != self.last_stamp:  # a nomotion update keeps the odometry anchor
+                self._last_odom = self.odom.pose_at(stamp)
+                self._odom_reset = False
             self.last_stamp = stamp
             self.last_estimate = est
             self.counters["processed"] += 1
@@ -373,7 +448,7 @@ class LocalizationNode(Node):
                 "global_relocalizations": str(loc.recoveries["global"]),
                 "injected_particles": str(loc.recoveries["injected_particles"]),
                 "processed": str(self.counters["processed"]),
-                "dropped": str(sum(v for k, v in self.counters.items() if k not in ("frames", "processed"))),
+                "dropped": str(sum(v for k, v in self.counters.items() if k not in NOT_DROPS)),
             })
         return DiagnosticStatus(level=bytes([int(level)]), name=f"{self.get_fully_qualified_name()}: localization",
                                 message=msg, hardware_id=self.model.info.fingerprint,
@@ -428,7 +503,11 @@ class LocalizationNode(Node):
             return
         mo = map_to_odom(map_to_base, odom_pose)
         t = TransformStamped()
-        t.header.stamp = sec_to_stamp(stamp + float(self.p["transform_tolerance"]))  # nav2_amcl post-dates
+        try:
+            t.header.stamp = sec_to_stamp(stamp + float(self.p["transform_tolerance"]))  # nav2_amcl post-dates
+        except ValueError as exc:  # a stamp at the end of the representable range
+            self.get_logger().warning(f"map->odom not sent: {exc}", throttle_duration_sec=5.0)
+            return
         t.header.frame_id, t.child_frame_id = self.p["global_frame_id"], self.p["odom_frame_id"]
         t.transform.translation.x, t.transform.translation.y = float(mo[0]), float(mo[1])
         q = yaw_to_quaternion(np.float64(mo[2]))
@@ -445,6 +524,87 @@ class LocalizationNode(Node):
         t.header.stamp = (self.get_clock().now() + rclpy.duration.Duration(
             seconds=float(self.p["transform_tolerance"]))).to_msg()
         self.tf.sendTransform(t)
+
+    # ---- pose persistence (AMCL's save_pose_rate) -------------------------------------------
+    def save_pose(self) -> bool:
+        """Write the last estimate and its covariance to ``pose_file`` atomically (if it changed)."""
+        with self._lock:
+            est, stamp, n = self.last_estimate, self.last_stamp, self.counters["processed"]
+            if est is None or n == self._saved_processed:
+                return False
+            self._saved_processed = n
+        doc = {
+            "format": POSE_FORMAT,
+            "frame_id": self.p["global_frame_id"],
+            "stamp": float(stamp or 0.0),
+            "x": float(est.mean[0]), "y": float(est.mean[1]), "yaw": float(est.mean[2]),
+            "covariance": [[float(v) for v in row] for row in np.asarray(est.covariance).reshape(3, 3)],
+            "model_fingerprint": self.model.info.fingerprint,
+        }
+        try:
+            atomic_write_bytes(self.pose_file, yaml.safe_dump(doc, sort_keys=False).encode())
+        except OSError as exc:
+            self.get_logger().error(f"cannot save the pose to {self.pose_file}: {exc}", throttle_duration_sec=30.0)
+            return False
+        self.pose_saves += 1
+        return True
+
+    def _read_saved_pose(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mean, cov)`` from ``pose_file``, or None (logged) if it is absent, unreadable or invalid."""
+        path = self.pose_file
+        if not path.is_file():
+            self.get_logger().info(f"no saved pose at {path}: waiting for initialpose or global localization")
+            return None
+        try:
+            mean, cov = read_pose_file(path, frame_id=self.p["global_frame_id"])
+        except ValueError as exc:
+            self.get_logger().error(f"saved pose ignored: {exc}")
+            return None
+        self.get_logger().info(f"starting at the saved pose from {path}")
+        return mean, cov
+
+    def destroy_node(self) -> None:
+        if float(self.p["save_pose_rate"]) > 0:
+            self.save_pose()  # the newest estimate, not one up to 1/save_pose_rate s old
+        super().destroy_node()
+
+
+def resolve_pose_file(param: str, namespace: str, name: str) -> Path:
+    """``pose_file``, or ``$ROS_HOME/dmn_ros_<namespace>_<node>_pose.yaml`` (``~/.ros`` without ROS_HOME)."""
+    if param:
+        return Path(param).expanduser()
+    home = Path(os.environ.get("ROS_HOME") or Path.home() / ".ros")
+    stem = "_".join(part for part in f"{namespace}/{name}".split("/") if part)
+    return home / f"dmn_ros_{stem}_pose.yaml"
+
+
+def read_pose_file(path: str | os.PathLike[str], *, frame_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(x, y, yaw)`` and 3×3 covariance from a saved-pose file; ValueError if it is not a valid one.
+
+    YAML is read with ``yaml.safe_load`` (no Python objects); the file must be at most 64 KiB,
+    in ``frame_id``, with finite numbers and a symmetric positive semi-definite covariance.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > 65536:
+            raise ValueError(f"{path} is larger than 64 KiB: not a saved pose")
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != POSE_FORMAT:
+        raise ValueError(f"{path} is not a {POSE_FORMAT} file")
+    if doc.get("frame_id") != frame_id:
+        raise ValueError(f"{path} is in frame {doc.get('frame_id')!r}, expected {frame_id!r}")
+    try:
+        mean = np.array([float(doc["x"]), float(doc["y"]), float(doc["yaw"])])
+        cov = np.array(doc["covariance"], dtype=np.float64).reshape(3, 3)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} has a malformed pose: {exc}") from exc
+    if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+        raise ValueError(f"{path} has a non-finite pose or covariance")
+    if not np.allclose(cov, cov.T, atol=1e-9) or np.linalg.eigvalsh(cov).min() < -1e-9:
+        raise ValueError(f"{path} has a covariance that is not symmetric positive semi-definite")
+    return mean, cov
 
 
 def main(args: list[str] | None = None) -> None:

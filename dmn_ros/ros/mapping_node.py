@@ -77,7 +77,8 @@ class MappingNode(Node):
         info = self.model.info
         self.view_map = ViewMap.for_model(info, frame_id=self.p["global_frame_id"])
         self.counters = {"paired": 0, "unpaired_images": 0, "unpaired_poses": 0, "bad_images": 0, "bad_poses": 0,
-                         "shared_malformed": 0, "shared_sent": 0, "sync_requests": 0, "sync_replies": 0}
+                         "shared_malformed": 0, "shared_sent": 0, "sync_requests": 0, "sync_replies": 0,
+                         "save_errors": 0}
         """How many inputs were used or dropped, by reason (``shared_*``: see :class:`ContextLedger`)."""
         self.robot_id = self.p["robot_id"] or robot_id_from_namespace(self.get_namespace())
         """Prefix of this robot's stable view ids."""
@@ -105,6 +106,8 @@ class MappingNode(Node):
         self._next_index = 0
         self._dirty = False
         self._autosave = bool(self.p["autosave"])
+        self._save_due = False
+        self._save_retry_at = 0.0
         self.map_file = Path(self.p["map_file"]).expanduser() if self.p["map_file"] else None
         if self.map_file is not None and self.map_file.is_file():
             try:
@@ -161,6 +164,8 @@ class MappingNode(Node):
             self.counters["bad_images"] += 1
             self.get_logger().warning(f"context image dropped: {exc}", throttle_duration_sec=5.0)
             return
+        # Model size at once: an unpaired image then holds a few KB, whatever the camera's resolution.
+        rgb = resize_rgb(rgb, height=self.model.info.image_height, width=self.model.info.image_width)
         ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         with self._lock:
             self._images.append((stamp, ns, rgb))
@@ -236,10 +241,22 @@ class MappingNode(Node):
                 ids.append(vid)
                 new_ids.append(vid)
             self.ledger.commit(self.view_map, ids=ids, poses=poses, embeddings=emb, images=images)
+            self._bound_stamp_ids()
             self.counters["paired"] += len(images)
             if self.sharing:  # shared views are immutable: a re-sent (replaced) view is not shared again
                 self._to_share.extend(new_ids)
             self._dirty = True
+
+    def _bound_stamp_ids(self) -> None:
+        """Forget the stamps of views thinning dropped once there are more than 2·max_contexts (bounded memory).
+
+        A re-sent context whose view was thinned away then gets a new id (and is thinned again).
+        """
+        limit = 2 * int(self.p["max_contexts"])
+        if limit <= 0 or len(self._id_of_stamp) <= limit:
+            return
+        held = set(self.view_map.ids)
+        self._id_of_stamp = {ns: vid for ns, vid in self._id_of_stamp.items() if vid in held}
 
     # ---- sharing ----------------------------------------------------------------------------
     def _on_shared(self, msg: PointCloud2) -> None:
@@ -327,11 +344,17 @@ class MappingNode(Node):
             self._share()
         with self._lock:
             dirty, self._dirty = self._dirty, False
-        if not dirty:
-            return
-        self._publish()
-        if self._autosave and self.map_file is not None:
-            self._save()
+        if dirty:
+            self._publish()
+            self._save_due = self._save_due or (self._autosave and self.map_file is not None)
+        if self._save_due and time.monotonic() >= self._save_retry_at:
+            try:
+                self._save()
+                self._save_due = False
+            except OSError as exc:  # disk full, read-only, removed directory: keep mapping, retry in 2 s
+                self.counters["save_errors"] += 1
+                self._save_retry_at = time.monotonic() + 2.0
+                self.get_logger().error(f"autosave to {self.map_file} failed: {exc}", throttle_duration_sec=10.0)
 
     def _publish(self) -> None:
         with self._lock:
