@@ -96,6 +96,8 @@ class LocalizerConfig:
     """nav2_amcl's ``recovery_alpha_fast``: short-term average; injection needs both > 0."""
     lost_updates_before_global: int = 0
     """Restart global localization after this many consecutive ``lost`` updates; 0 = never."""
+    nearest_contexts: int = 0
+    """Attend only to the M contexts nearest each particle (0: all), for large shared maps (docs/PERFORMANCE.md)."""
     covariance_inflation: float | None = None
     """x-y variance inflation applied to published covariances; None: the model's
     ``config["calibration"]["covariance_inflation"]`` if it has one, else 1.0."""
@@ -198,6 +200,7 @@ class Localizer:
             transition_noise=(c.motion_noise_xy_m / mpu, c.motion_noise_xy_m / mpu, c.motion_noise_yaw_rad),
             resampling="systematic",
             ess_threshold=c.resample_threshold,
+            nearest_contexts=c.nearest_contexts,
         )
 
     # ---- map --------------------------------------------------------------------------------

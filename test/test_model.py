@@ -56,6 +56,28 @@ def test_chunked_particles_equal_unchunked():
     torch.testing.assert_close(model(q, emb, cp, p), whole(q, emb, cp, p))
 
 
+def test_nearest_context_attention():
+    """Nearest-M attention equals full attention when M >= Nc, and full attention over each particle's M nearest."""
+    torch.manual_seed(0)
+    model = DMN().double()
+    q, ctx, cp, p = _inputs(b=1, k=4, n=6)
+    emb = _embed(model, ctx)
+    a, g = model.prepare_map(emb)
+    qq, hq = model.prepare_query(q)
+    full = model.log_likelihood_prepared(a, g, cp, qq, hq, p)
+    torch.testing.assert_close(model.log_likelihood_prepared(a, g, cp, qq, hq, p, 6), full)
+    m = 3
+    sub = model.log_likelihood_prepared(a, g, cp, qq, hq, p, m)
+    for k in range(4):
+        near = torch.topk((cp[0, :, :2] - p[0, k, :2]).pow(2).sum(-1), m, largest=False).indices
+        ref = model.reference_log_likelihood(q, emb[:, near], cp[:, near], p[:, k : k + 1])
+        torch.testing.assert_close(sub[0, k], ref[0, 0])
+    assert not torch.allclose(sub, full)
+    scripted = torch.jit.script(DMN().double())
+    scripted.load_state_dict(model.state_dict())
+    torch.testing.assert_close(scripted.log_likelihood_prepared(a, g, cp, qq, hq, p, m), sub)
+
+
 def test_non_square_and_larger_images():
     for h, w in [(64, 64), (104, 208)]:
         model = DMN(image_height=h, image_width=w)

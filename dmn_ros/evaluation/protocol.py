@@ -43,6 +43,8 @@ class EvalSettings:
     """Meters, meters, degrees per step."""
     batch_episodes: int = 4
     seed: int = 0
+    nearest_contexts: int = 0
+    """Nearest-M attention (0: all contexts)."""
 
 
 @dataclass
@@ -112,6 +114,7 @@ def run_filter(
     cfg = FilterConfig(
         transition_noise=(n[0] / scale.meters_per_unit, n[1] / scale.meters_per_unit, math.radians(n[2])),
         resampling="systematic",
+        nearest_contexts=settings.nearest_contexts,
     )
     s = settings.tracking_std
     std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))

@@ -32,6 +32,7 @@ class ObservationModel(Protocol):
         q: torch.Tensor,
         hq: torch.Tensor,
         particles: torch.Tensor,
+        nearest: int = 0,
     ) -> torch.Tensor: ...
 
 
@@ -71,6 +72,8 @@ class FilterConfig:
     """Mixing α of soft resampling."""
     ess_threshold: float = 0.5
     """Systematic resampling runs when ESS < threshold · K."""
+    nearest_contexts: int = 0
+    """Attend only to this many contexts nearest each particle (0: all); for large shared maps."""
 
 
 class StepResult(NamedTuple):
@@ -106,7 +109,7 @@ def filter_step(
         belief = transition(belief, egomotion=egomotion, noise_std=config.transition_noise, generator=generator)
     q, hq = model.prepare_query(query)
     ll = model.log_likelihood_prepared(
-        prepared_map.map_a, prepared_map.map_g, prepared_map.poses, q, hq, belief.particles
+        prepared_map.map_a, prepared_map.map_g, prepared_map.poses, q, hq, belief.particles, config.nearest_contexts
     )
     updated = update(belief, ll)
     mean, cov = estimate(updated)

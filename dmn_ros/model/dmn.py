@@ -185,18 +185,27 @@ class DMN(nn.Module):
         q: torch.Tensor,
         hq: torch.Tensor,
         particles: torch.Tensor,
+        nearest: int = 0,
     ) -> torch.Tensor:
-        """``(B, K)`` log-likelihoods from a prepared map and a prepared query, chunked over K."""
+        """``(B, K)`` log-likelihoods from a prepared map and a prepared query, chunked over K.
+
+        ``nearest > 0`` attends, per particle, only to the ``nearest`` contexts closest to it in
+        x-y (large shared maps); it equals full attention when ``nearest >= Nc``.
+        """
         k_total = particles.shape[1]
         n = context_poses.shape[1]
+        if 0 < nearest < n:
+            n = nearest
         b = particles.shape[0]
         chunk = max(1, self.max_rows // max(1, b * n))
         if chunk >= k_total:
-            return self._particles_chunk(map_a, map_g, context_poses, q, hq, particles)
+            return self._particles_chunk(map_a, map_g, context_poses, q, hq, particles, nearest)
         outs: list[torch.Tensor] = []
         for start in range(0, k_total, chunk):
             outs.append(
-                self._particles_chunk(map_a, map_g, context_poses, q, hq, particles[:, start : start + chunk])
+                self._particles_chunk(
+                    map_a, map_g, context_poses, q, hq, particles[:, start : start + chunk], nearest
+                )
             )
         return torch.cat(outs, dim=1)
 
@@ -208,21 +217,35 @@ class DMN(nn.Module):
         q: torch.Tensor,
         hq: torch.Tensor,
         particles: torch.Tensor,
+        nearest: int,
     ) -> torch.Tensor:
         b, k = particles.shape[0], particles.shape[1]
         n = context_poses.shape[1]
         h, w = self.feat_h, self.feat_w
         pose = self.pose_features(context_poses, particles)  # (B, K, Nc, P)
+        a_sel = map_a.unsqueeze(1)  # (B, 1, Nc, 64, h, w), shared by all particles
+        g_sel = map_g.unsqueeze(1)
+        if 0 < nearest < n:  # per-particle subset of the map: (B, K, M, ...)
+            d2 = (particles[:, :, None, :2] - context_poses[:, None, :, :2]).pow(2).sum(-1)  # (B, K, Nc)
+            idx = torch.topk(d2, nearest, dim=2, largest=False).indices  # (B, K, M)
+            pose = torch.gather(pose, 2, idx.unsqueeze(-1).expand(-1, -1, -1, pose.shape[-1]))
+            bidx = torch.arange(b, device=idx.device).view(b, 1, 1).expand_as(idx)
+            a_sel = map_a[bidx, idx]
+            g_sel = map_g[bidx, idx]
+            n = nearest
         # CNN2 first conv = conv(V) + conv(tile(pose)); the second is a per-position affine map.
         eff = valid_tap_weights(self.cnn2_first.weight[:, self.embed_dim:], h, w)  # (64, P, h, w)
         pose_term = torch.einsum("ophw,bkip->bkiohw", eff, pose)
-        pre = pose_term + map_a.unsqueeze(1)
+        pre = pose_term + a_sel
         keys = self.cnn2_rest(torch.relu(pre).reshape(b * k * n, pre.shape[3], h, w))
         keys = keys.reshape(b, k, n, self.key_dim, h, w)  # K_i^k
         logits = torch.einsum("bkichw,bchw->bki", keys, q) * self.attn_scale
         lam = self.attention_weights(logits)  # (B, K, Nc)
         att_key = torch.einsum("bki,bkichw->bkchw", lam, keys).reshape(b * k, self.key_dim, h, w)
-        att_val = torch.einsum("bki,bichw->bkchw", lam, map_g)
+        if g_sel.shape[1] == 1:  # the whole map: one value set shared by every particle
+            att_val = torch.einsum("bki,bichw->bkchw", lam, g_sel[:, 0])
+        else:
+            att_val = torch.einsum("bki,bkichw->bkchw", lam, g_sel)
         w_key = self.cnn6_first.weight[:, self.value_dim : self.value_dim + self.key_dim]
         key_term = F.conv2d(att_key, w_key, None, padding=1)
         pre6 = att_val + key_term.reshape(b, k, -1, h, w) + hq.unsqueeze(1)
@@ -239,7 +262,7 @@ class DMN(nn.Module):
         """``l_t^k``: ``(B, K)`` unnormalized log-likelihoods of each particle for the query frame."""
         map_a, map_g = self.prepare_map(embeddings)
         q, hq = self.prepare_query(query)
-        return self.log_likelihood_prepared(map_a, map_g, context_poses, q, hq, particles)
+        return self.log_likelihood_prepared(map_a, map_g, context_poses, q, hq, particles, 0)
 
     @torch.jit.unused
     def reference_log_likelihood(
