@@ -58,6 +58,7 @@ setup(
         "console_scripts": [
             "dmn-demo = dmn_ros.demo:main",
             "dmn-world = dmn_ros.worlds.cli:main",
+            "dmn-dataset = dmn_ros.data.cli:main",
             "dmn-train = dmn_ros.training.cli:main",
             "dmn-eval = dmn_ros.evaluation.cli:main",
             "dmn-export = dmn_ros.training.export_cli:main",
