@@ -65,12 +65,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(model: Any, *, k: int, nc: int, device: torch.device, reps: int, warmup: int) -> dict[str, float]:
+def time_step(
+    model: Any, *, k: int, nc: int, device: torch.device, reps: int, warmup: int, nearest: int = 0
+) -> dict[str, float]:
     g = torch.Generator(device=device).manual_seed(0)
     ctx = torch.rand(1, nc, 3, 32, 32, device=device, generator=g)
     poses = (torch.rand(1, nc, 3, device=device, generator=g) * 2 - 1) * torch.tensor([1.0, 1.0, 3.14], device=device)
     query = torch.rand(1, 3, 32, 32, device=device, generator=g)
-    cfg = FilterConfig(transition_noise=(0.01, 0.01, 0.05), resampling="systematic")
+    cfg = FilterConfig(transition_noise=(0.01, 0.01, 0.05), resampling="systematic", nearest_contexts=nearest)
     ego = torch.zeros(1, 3, device=device)
     with torch.inference_mode():
         pm = encode_map(model, images=ctx, poses=poses)
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the reference where K*Nc exceeds this (it is slow and memory hungry)")
     p.add_argument("--max-seconds-per-cell", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--nearest", type=int, default=8, help="also time nearest-M attention where Nc > M (0: off)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.threads:
@@ -152,15 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     skip_k: dict[str, int] = {}
     for nc in [int(v) for v in args.nc.split(",")]:
         for k in [int(v) for v in args.k.split(",")]:
-            for name, m in (("fast", model), ("reference", ref)):
+            paths: list[tuple[str, Any, int]] = [("fast", model, 0), ("reference", ref, 0)]
+            if 0 < args.nearest < nc:
+                paths.append((f"fast, nearest {args.nearest}", model, args.nearest))
+            for name, m, nearest in paths:
                 if name == "reference" and k * nc > args.max_reference_rows:
                     continue
                 if skip_k.get(name, 10**9) <= k * nc:
                     continue
-                r = time_step(m, k=k, nc=nc, device=device, reps=args.reps, warmup=args.warmup)
+                r = time_step(m, k=k, nc=nc, device=device, reps=args.reps, warmup=args.warmup, nearest=nearest)
                 r.update({"path": name, "K": k, "Nc": nc, "frac_peak": r["gflops"] / peak})
                 rows.append(r)
-                print(f"{name:9s} K={k:5d} Nc={nc:4d} median {r['median_ms']:9.1f} ms  p95 {r['p95_ms']:9.1f} ms "
+                print(f"{name:18s} K={k:5d} Nc={nc:4d} median {r['median_ms']:9.1f} ms  p95 {r['p95_ms']:9.1f} ms "
                       f"{r['gflops']:7.1f} GFLOP/s", flush=True)
                 if r["median_ms"] / 1e3 > args.max_seconds_per_cell:
                     skip_k[name] = k * nc  # larger cells would only take longer
