@@ -39,7 +39,7 @@ class ReferenceModel:
     def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return query, query
 
-    def log_likelihood_prepared(self, map_a, map_g, context_poses, q, hq, particles):
+    def log_likelihood_prepared(self, map_a, map_g, context_poses, q, hq, particles, nearest=0):
         assert self._emb is not None
         return self.m.reference_log_likelihood(q, self._emb, context_poses, particles)
 
