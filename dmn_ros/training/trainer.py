@@ -282,6 +282,19 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     stage = None
     stream = None
     stop = False
+    interrupted = {"flag": False}
+
+    def _graceful(signum: int, _frame: object) -> None:
+        """SIGTERM/SIGINT finish the step, checkpoint and export instead of losing the run."""
+        interrupted["flag"] = True
+        log.warning("signal %d: stopping after this step", signum)
+
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _graceful)
+        signal.signal(signal.SIGINT, _graceful)
     ema = None
     while step < cfg.max_steps and not stop:
         new_stage = cfg.stage_at(step)
@@ -331,7 +344,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             if bad_evals >= cfg.patience:
                 log.info("early stop: no validation improvement in %d evaluations", cfg.patience)
                 stop = True
-        if (time.monotonic() - start) / 60.0 > cfg.max_minutes:
+        if (time.monotonic() - start) / 60.0 > cfg.max_minutes or interrupted["flag"]:
             stop = True
         if dist_info.is_main and (stop or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60.0):
             save_checkpoint(last_path, state_dict())
