@@ -292,9 +292,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     import signal
     import threading
 
+    old_handlers = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _graceful)
-        signal.signal(signal.SIGINT, _graceful)
+        old_handlers = {sig: signal.signal(sig, _graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     ema = None
     while step < cfg.max_steps and not stop:
         new_stage = cfg.stage_at(step)
@@ -356,6 +356,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             dist.all_reduce(flag)
             stop = bool(flag.item() > 0)
     bar.close()
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
     exported = out / "model.pt"
     if dist_info.is_main:
         save_checkpoint(last_path, state_dict())
