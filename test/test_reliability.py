@@ -529,3 +529,33 @@ def test_public_api_bad_inputs_raise_documented_errors(untrained, tmp_path):
     p = xyyaw_to_pose(np.array([1.0, 2.0, 0.5]))
     p.orientation.z, p.orientation.w = p.orientation.z * 1e300, p.orientation.w * 1e300  # huge but finite
     assert abs(pose_to_xyyaw(p)[2] - 0.5) < 1e-9
+
+
+# ---- load -----------------------------------------------------------------------------------
+SOAK_RSS_GROWTH_MB = 60.0
+"""Bound on resident-memory growth from the end of the 10 s warm-up to the end of the 60 s soak."""
+
+
+@pytest.mark.slow
+def test_soak_60s_no_crash_no_rss_growth(untrained):
+    """bench/soak.py for 60 s (30 Hz camera, 50 Hz odometry, K = 64, 8 contexts): alive, bounded memory."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("soak", Path(__file__).resolve().parent.parent / "bench" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    res = soak.run_soak(60.0, particles=64, contexts=8, window=10.0, warmup=10.0, model_path=untrained.path,
+                        domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 1, quiet=True)
+    s = res["summary"]
+    rows = "\n".join(str(r) for r in res["rows"])
+    print(rows)
+    assert s["executor_alive"], rows
+    c = s["counters"]
+    assert c["processed"] > 100 and c["step_errors"] == 0 and c["bad_images"] == 0, c
+    assert c["dropped_newer_frame"] > 0  # 30 Hz into a 20 Hz worker: newest-only, not a queue
+    handled = sum(c[k] for k in ("processed", "dropped_newer_frame", "dropped_not_ready", "no_odom", "out_of_order",
+                                 "skipped_small_motion"))
+    assert c["frames"] - 1 <= handled <= c["frames"], c  # all accounted for (one may be pending at the end)
+    assert s["map_views_end"] == 8  # re-sent contexts replace their views
+    assert s["rss_growth_after_warmup_mb"] < SOAK_RSS_GROWTH_MB, res["rows"]
