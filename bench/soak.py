@@ -1,6 +1,7 @@
 """Soak: sim world + mapping_node + localization_node over real DDS, 30 Hz camera and 50 Hz odometry.
 
-Reports, per window, resident memory (VmRSS), filter step latency (p50/p95), frame-to-pose latency
+Reports, per window, resident memory (VmRSS sampled every loop: the peak ``rss_mb`` and the lowest
+``rss_min_mb``), the camera rate achieved, filter step latency (p50/p95), frame-to-pose latency
 (p95: image stamp to the pose message's arrival), frames received / processed / dropped, and ends
 with a JSON summary. Run::
 
@@ -114,6 +115,8 @@ def run_soak(duration: float = 600.0, *, camera_hz: float = 30.0, odom_hz: float
     c_prev = dict(loc.counters)
     e2e_seen = 0
     rss0 = None
+    published = 0
+    rss_lo, rss_hi = float("inf"), 0.0
     try:
         while time.time() - t0 < duration:
             now = time.time()
@@ -131,7 +134,10 @@ def run_soak(duration: float = 600.0, *, camera_hz: float = 30.0, odom_hz: float
             if now >= next_cam:
                 _, k = pose_at(now - t0)
                 cam.publish(rgb_to_image_msg(frames[k], stamp=sec_to_stamp(now), frame_id="camera"))
+                published += 1
                 next_cam += 1.0 / camera_hz
+            r = rss_mb()
+            rss_lo, rss_hi = min(rss_lo, r), max(rss_hi, r)
             est = loc.last_estimate
             if loc.counters["processed"] != last_processed and est is not None:
                 last_processed = loc.counters["processed"]
@@ -141,7 +147,8 @@ def run_soak(duration: float = 600.0, *, camera_hz: float = 30.0, odom_hz: float
                 d = {k: c[k] - c_prev.get(k, 0) for k in c}
                 lat = e2e[e2e_seen:]
                 e2e_seen = len(e2e)
-                row = {"t_s": round(now - t0, 1), "rss_mb": round(rss_mb(), 1), "frames": d["frames"],
+                row = {"t_s": round(now - t0, 1), "rss_mb": round(rss_hi, 1), "rss_min_mb": round(rss_lo, 1),
+                       "camera_hz": round(published / window, 1), "frames": d["frames"],
                        "processed": d["processed"],
                        "dropped": sum(v for k, v in d.items() if k not in ("frames", "processed", "odom_jumps")),
                        "step_ms_p50": round(_pct(steps, 50), 1), "step_ms_p95": round(_pct(steps, 95), 1),
@@ -152,7 +159,7 @@ def run_soak(duration: float = 600.0, *, camera_hz: float = 30.0, odom_hz: float
                     rss0 = row["rss_mb"]
                 if not quiet:
                     print(json.dumps(row), flush=True)
-                steps, c_prev = [], c
+                steps, c_prev, published, rss_lo, rss_hi = [], c, 0, float("inf"), 0.0
                 next_row += window
             time.sleep(max(0.0, min(next_cam, next_odom, next_row) - time.time()))
     finally:
