@@ -272,6 +272,19 @@ def test_odometry_reset_jump_and_standing_still_past_the_buffer(rig):
         s.loc.p["update_min_d"] = s.loc.p["update_min_a"] = 0.0
 
 
+def test_nomotion_update_right_after_reinitialization(rig):
+    """request_nomotion_update before any frame of a new belief must not stall later frames."""
+    s = rig.s
+    rig.good_step()
+    s.call(Empty, "reinitialize_global_localization")
+    n = s.loc.counters["processed"]
+    s.call(Empty, "request_nomotion_update")
+    s.wait(lambda: s.loc.counters["processed"] > n, what="nomotion update")
+    assert s.loc.last_stamp is None  # fixed: it became 0.0 and every later frame was dropped as no_odom
+    rig.good_step()
+    rig.good_step()
+
+
 # ---- maps -----------------------------------------------------------------------------------
 def test_empty_foreign_and_malformed_maps(rig, untrained):
     s = rig.s

@@ -345,7 +345,9 @@ class LocalizationNode(Node):
         if frame is None:
             if self._nomotion_request and self._last_rgb is not None and self.localizer.ready:
                 self._nomotion_request = False
-                self._run(self.last_stamp or 0.0, self._last_rgb, None)
+                # Keeps last_stamp as it is (None after a re-initialization): stamping it 0.0 made every later
+                # frame's egomotion from t = 0 unavailable, so all frames were dropped as no_odom.
+                self._run(self.last_stamp, self._last_rgb, None)
             self._resend_tf()
             return
         stamp, msg = frame
@@ -385,7 +387,7 @@ class LocalizationNode(Node):
             self._last_rgb = rgb
         self._run(stamp, rgb, delta)
 
-    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None) -> None:
+    def _run(self, stamp: float | None, rgb: np.ndarray, delta: np.ndarray | None) -> None:
         with self._lock:
             try:
                 est = self.localizer.step(rgb, delta)
@@ -403,8 +405,9 @@ class LocalizationNode(Node):
             self.last_estimate = est
             self.counters["processed"] += 1
             particles, weights = self.localizer.particles_metric(), self.localizer.weights()
-        self._publish(stamp, est, particles, weights)
-        self.publish_diagnostics(stamp)
+        out_stamp = stamp if stamp is not None else self.get_clock().now().nanoseconds * 1e-9
+        self._publish(out_stamp, est, particles, weights)
+        self.publish_diagnostics(out_stamp)
         if est.recovery:
             self.get_logger().warning(f"recovery after step {self.counters['processed']}: {est.recovery} "
                                       f"({est.health.message if est.health else ''})")
