@@ -150,6 +150,15 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
     if missing:
         raise ModelLoadError(f"model {path} lacks methods {missing}: a different architecture")
+    if not isinstance(info.image_height, int) or not isinstance(info.image_width, int) or not (
+        isinstance(info.meters_per_unit, (int, float)) and info.meters_per_unit > 0
+    ):
+        raise ModelLoadError(f"model {path} has invalid metadata (image size / meters_per_unit): {raw}")
+    actual = weights_fingerprint(module)
+    if actual != info.fingerprint:
+        # Maps are checked against this fingerprint, so it must describe these very weights.
+        raise ModelLoadError(f"model {path}: weights fingerprint {actual} does not match its metadata "
+                             f"({info.fingerprint}); the file was altered or assembled from parts")
     module.eval()
     return LoadedModel(module=module, info=info, device=dev, path=str(path))
 

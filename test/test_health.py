@@ -197,8 +197,8 @@ class OffsetModel:
     def prepare_query(self, q):
         return self.inner.prepare_query(q)
 
-    def log_likelihood_prepared(self, a, g, poses, q, hq, particles):
-        return self.inner.log_likelihood_prepared(a, g, poses, q, hq, particles) * self.scale + self.offset
+    def log_likelihood_prepared(self, a, g, poses, q, hq, particles, nearest=0):
+        return self.inner.log_likelihood_prepared(a, g, poses, q, hq, particles, nearest) * self.scale + self.offset
 
 
 @pytest.fixture(scope="module")

@@ -203,3 +203,27 @@ def _train_toy():
     with torch.no_grad():
         after = float(loss_of(*eval_batch))
     assert after < 0.5 * before, (before, after)
+
+
+def test_exported_model_fingerprint_is_verified(tmp_path):
+    """A model file whose weights do not match its recorded fingerprint is refused."""
+    import json
+    import zipfile
+
+    from dmn_ros.errors import ModelLoadError
+    from dmn_ros.export import META_FILE, export_model, load_model
+
+    path = tmp_path / "m.pt"
+    info = export_model(DMN(), path, meters_per_unit=20.0)
+    assert load_model(path).info.fingerprint == info.fingerprint
+    forged = tmp_path / "forged.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(forged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith(META_FILE):
+                meta = json.loads(data)
+                meta["fingerprint"] = "0" * 16
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    with pytest.raises(ModelLoadError, match="fingerprint"):
+        load_model(forged)

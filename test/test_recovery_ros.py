@@ -67,7 +67,7 @@ class KidnapForcedModel:
     def prepare_query(self, q):
         return self.inner.prepare_query(q)
 
-    def log_likelihood_prepared(self, a, g, poses, q, hq, particles):
+    def log_likelihood_prepared(self, a, g, poses, q, hq, particles, nearest=0):
         sim = self.sim_ref[0]
         drop = -30.0 if sim is not None and sim.kidnapped_at is not None else 0.0
         return torch.zeros(particles.shape[:2], dtype=particles.dtype, device=particles.device) + drop
