@@ -93,6 +93,7 @@ class LocalizationNode(Node):
             motion_noise_xy_m=float(p["motion_noise_xy"]),
             motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
             resample_threshold=float(p["resample_threshold"]),
+            nearest_contexts=int(p["nearest_contexts"]),
             device=str(p["device"]),
             health=HealthConfig(
                 alpha_slow=float(p["health.alpha_slow"]),

@@ -65,6 +65,7 @@ LOCALIZATION: ParamTable = {
     "motion_noise_xy": (0.2, "m, per-step std of the particles' translation noise"),
     "motion_noise_yaw": (0.05, "rad, per-step std of the particles' rotation noise"),
     "resample_threshold": (0.5, "systematic resampling when ESS < threshold * K"),
+    "nearest_contexts": (0, "attend only to the M contexts nearest each particle (0: all); for large maps"),
     "random_seed": (0, "seed of the filter's random generator"),
     "tf_broadcast": (True, "broadcast map->odom (needs tf2_ros importable)"),
     "process_rate": (20.0, "Hz of the worker that filters the newest frame"),
