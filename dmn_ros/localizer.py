@@ -49,6 +49,7 @@ __all__ = [
     "NotReadyError",
     "embed_images",
     "model_covariance_inflation",
+    "model_likelihood_scale",
     "resolve_device",
 ]
 
@@ -98,6 +99,8 @@ class LocalizerConfig:
     """Restart global localization after this many consecutive ``lost`` updates; 0 = never."""
     nearest_contexts: int = 0
     """Attend only to the M contexts nearest each particle (0: all), for large shared maps (docs/PERFORMANCE.md)."""
+    likelihood_scale: float | None = None
+    """Temperature on the model's log-likelihoods; None: the model's calibration, else 1."""
     covariance_inflation: float | None = None
     """x-y variance inflation applied to published covariances; None: the model's
     ``config["calibration"]["covariance_inflation"]`` if it has one, else 1.0."""
@@ -134,6 +137,13 @@ def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor
     with torch.inference_mode():
         emb = model.module.embed_views(batch.to(model.device))
     return emb.float().cpu().numpy()
+
+
+def model_likelihood_scale(config: dict) -> float:
+    """The log-likelihood temperature an exported model carries (``config["calibration"]``), else 1.0."""
+    cal = config.get("calibration")
+    value = cal.get("likelihood_scale") if isinstance(cal, dict) else None
+    return float(value) if value else 1.0
 
 
 def model_covariance_inflation(config: dict) -> float:
@@ -178,6 +188,13 @@ class Localizer:
             raise ValueError(f"covariance_inflation must be > 0, got {inflation}")
         self.covariance_inflation: float = float(inflation)
         """x-y variance factor applied to every published covariance (calibration, docs/health.md)."""
+        scale = self.config.likelihood_scale
+        if scale is None:
+            scale = model_likelihood_scale(model.info.config)
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"likelihood_scale must be > 0, got {scale}")
+        self.likelihood_scale: float = float(scale)
+        """Temperature applied to the observation log-likelihoods (calibration)."""
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -201,6 +218,7 @@ class Localizer:
             resampling="systematic",
             ess_threshold=c.resample_threshold,
             nearest_contexts=c.nearest_contexts,
+            likelihood_scale=self.likelihood_scale,
         )
 
     # ---- map --------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
     s = cal.info.config["calibration"]["covariance_inflation"]
     assert s > 0 and cal.info.fingerprint == loaded.info.fingerprint
     assert Localizer(cal).covariance_inflation == pytest.approx(s)
+    assert Localizer(cal).likelihood_scale == cal.info.config["calibration"]["likelihood_scale"]
 
     # Resume: continues from step 3 with the saved weights, not from scratch.
     before = {k: v.clone() for k, v in state["model"].items()}

@@ -24,6 +24,7 @@ from dmn_ros.evaluation.protocol import (
 )
 from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
 from dmn_ros.geometry import MetricScale
+from dmn_ros.localizer import model_likelihood_scale
 
 
 def _ints(s: str) -> list[int]:
@@ -34,6 +35,12 @@ def _in_model_scale(eps: EpisodeSet, model: LoadedModel) -> EpisodeSet:
     """The model sees coordinates normalized with *its* meters_per_unit (SPEC "one metric scale")."""
     s = eps.scale
     return dataclasses.replace(eps, scale=MetricScale(model.info.meters_per_unit, s.origin_x, s.origin_y))
+
+
+def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: str) -> np.ndarray:
+    """The filter as the node runs this model: its metric scale and its stored calibration."""
+    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(model.info.config))
+    return run_filter(model.module, _in_model_scale(eps, model), settings, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def per_model(settings: EvalSettings) -> np.ndarray:
         """(seeds, E, T) errors."""
-        return np.stack([run_filter(m.module, _in_model_scale(eps, m), settings, device=args.device) for m in models])
+        return np.stack([_run(m, eps, settings, args.device) for m in models])
 
     t0 = time.monotonic()
     glob = per_model(EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc,
@@ -156,12 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.baseline_model:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes
         base = load_model(args.baseline_model, device=args.device)
-        b_eps = _in_model_scale(eps, base)
         g_set = EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc, seed=args.seed)
         t_set = EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5, num_contexts=args.nc,
                              seed=args.seed)
-        b_glob = run_filter(base.module, b_eps, g_set, device=args.device)
-        b_trk = run_filter(base.module, b_eps, t_set, device=args.device)
+        b_glob = _run(base, eps, g_set, args.device)
+        b_trk = _run(base, eps, t_set, args.device)
         b_succ, b_rmse = success_rate(b_glob, thr), rmse(b_trk)
         a_succ, a_rmse = succ.mean(0), trk_rmse.mean(0)
         md += [

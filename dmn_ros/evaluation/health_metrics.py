@@ -164,7 +164,8 @@ def collect_runs(
     mpu = scale.meters_per_unit
     g = torch.Generator(device=dev).manual_seed(settings.seed)
     n = settings.transition_noise
-    cfg = FilterConfig(transition_noise=(n[0] / mpu, n[1] / mpu, math.radians(n[2])), resampling="systematic")
+    cfg = FilterConfig(transition_noise=(n[0] / mpu, n[1] / mpu, math.radians(n[2])), resampling="systematic",
+                       nearest_contexts=settings.nearest_contexts, likelihood_scale=settings.likelihood_scale)
     s = settings.tracking_std
     std = (s[0] / mpu, s[1] / mpu, math.radians(s[2]))
     xmin, xmax, ymin, ymax = episodes.bounds

@@ -45,6 +45,8 @@ class EvalSettings:
     seed: int = 0
     nearest_contexts: int = 0
     """Nearest-M attention (0: all contexts)."""
+    likelihood_scale: float = 1.0
+    """Log-likelihood temperature (a model's calibration; see ``model_likelihood_scale``)."""
 
 
 @dataclass
@@ -115,6 +117,7 @@ def run_filter(
         transition_noise=(n[0] / scale.meters_per_unit, n[1] / scale.meters_per_unit, math.radians(n[2])),
         resampling="systematic",
         nearest_contexts=settings.nearest_contexts,
+        likelihood_scale=settings.likelihood_scale,
     )
     s = settings.tracking_std
     std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))

@@ -74,6 +74,8 @@ class FilterConfig:
     """Systematic resampling runs when ESS < threshold · K."""
     nearest_contexts: int = 0
     """Attend only to this many contexts nearest each particle (0: all); for large shared maps."""
+    likelihood_scale: float = 1.0
+    """Temperature on the observation log-likelihoods (calibration; 1 = as trained)."""
 
 
 class StepResult(NamedTuple):
@@ -84,7 +86,7 @@ class StepResult(NamedTuple):
     covariance: torch.Tensor
     """``(B, 3, 3)`` particle covariance (yaw from circular statistics)."""
     log_likelihood: torch.Tensor
-    """``(B, K)`` the observation model's output for this frame."""
+    """``(B, K)`` the log-likelihoods the update used (model output times ``likelihood_scale``)."""
     updated: Belief
     """The belief after the update and before resampling (for losses and health signals)."""
 
@@ -111,6 +113,8 @@ def filter_step(
     ll = model.log_likelihood_prepared(
         prepared_map.map_a, prepared_map.map_g, prepared_map.poses, q, hq, belief.particles, config.nearest_contexts
     )
+    if config.likelihood_scale != 1.0:
+        ll = ll * config.likelihood_scale
     updated = update(belief, ll)
     mean, cov = estimate(updated)
     if config.resampling == "soft":
