@@ -565,7 +565,8 @@ def test_soak_60s_no_crash_no_rss_growth(untrained):
     print(rows)
     assert s["executor_alive"], rows
     c = s["counters"]
-    assert c["processed"] > 100 and c["step_errors"] == 0 and c["bad_images"] == 0, c
+    # Liveness, not speed (bench/ measures speed): on a busy CI machine the worker still runs >= 0.5 Hz.
+    assert c["processed"] > 30 and c["step_errors"] == 0 and c["bad_images"] == 0, c
     assert c["dropped_newer_frame"] > 0  # 30 Hz into a 20 Hz worker: newest-only, not a queue
     handled = sum(c[k] for k in ("processed", "dropped_newer_frame", "dropped_not_ready", "no_odom", "out_of_order",
                                  "skipped_small_motion"))
