@@ -612,16 +612,6 @@ def read_pose_file(path: str | os.PathLike[str], *, frame_id: str) -> tuple[np.n
 
 
 def main(args: list[str] | None = None) -> None:
-    import rclpy.executors
+    from dmn_ros.ros.spin import run_node
 
-    rclpy.init(args=args)
-    node = LocalizationNode()
-    executor = rclpy.executors.MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(LocalizationNode, args=args, threads=2)

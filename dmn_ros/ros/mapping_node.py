@@ -398,14 +398,6 @@ class MappingNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    import rclpy.executors
+    from dmn_ros.ros.spin import run_node
 
-    rclpy.init(args=args)
-    node = MappingNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(MappingNode, args=args)

@@ -168,14 +168,6 @@ class SimNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    import rclpy.executors
+    from dmn_ros.ros.spin import run_node
 
-    rclpy.init(args=args)
-    node = SimNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(SimNode, args=args)
