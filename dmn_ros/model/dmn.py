@@ -106,6 +106,8 @@ class DMN(nn.Module):
         self.cnn1_tail = conv_stack(CNN1[2][0], CNN1[3:])
         self.cnn2_first = conv_layer(self.embed_dim + self.pose_dim, CNN2[0][0], CNN2[0][1], CNN2[0][2])
         self.cnn2_rest = conv_stack(CNN2[0][0], CNN2[1:])
+        if len(self.cnn2_rest) != 1:  # the attention factorization below needs one linear conv
+            raise ValueError("CNN2 after its first layer must be a single linear convolution")
         self.cnn3 = conv_stack(3, CNN3)
         self.cnn4 = conv_stack(self.embed_dim, CNN4)
         self.cnn5_trunk = nn.Sequential() if share_query_trunk else conv_stack(3, CNN5[:3])
@@ -236,12 +238,20 @@ class DMN(nn.Module):
         # CNN2 first conv = conv(V) + conv(tile(pose)); the second is a per-position affine map.
         eff = valid_tap_weights(self.cnn2_first.weight[:, self.embed_dim:], h, w)  # (64, P, h, w)
         pose_term = torch.einsum("ophw,bkip->bkiohw", eff, pose)
-        pre = pose_term + a_sel
-        keys = self.cnn2_rest(torch.relu(pre).reshape(b * k * n, pre.shape[3], h, w))
-        keys = keys.reshape(b, k, n, self.key_dim, h, w)  # K_i^k
-        logits = torch.einsum("bkichw,bchw->bki", keys, q) * self.attn_scale
+        hidden = torch.relu(pose_term + a_sel)  # (B, K, Nc, 64, h, w)
+        # CNN2's last conv is linear (no ReLU), so it commutes with the attention: the logits
+        # <W*x + b, q> equal <x, W^T*q> + <b, sum q>, and the attended key sum_i l_i (W*x_i + b)
+        # is W*(sum_i l_i x_i) + b because the l_i sum to one. The conv then runs once per
+        # particle instead of once per (particle, context).
+        conv2 = self.cnn2_rest[0]
+        q_back = F.conv_transpose2d(q, conv2.weight, None, padding=1)  # (B, 64, h, w)
+        bias2 = conv2.bias
+        assert bias2 is not None
+        q_bias = (bias2.view(1, -1) * q.sum(dim=(2, 3))).sum(dim=1)  # (B,)
+        logits = (torch.einsum("bkichw,bchw->bki", hidden, q_back) + q_bias.view(b, 1, 1)) * self.attn_scale
         lam = self.attention_weights(logits)  # (B, K, Nc)
-        att_key = torch.einsum("bki,bkichw->bkchw", lam, keys).reshape(b * k, self.key_dim, h, w)
+        mixed = torch.einsum("bki,bkichw->bkchw", lam, hidden).reshape(b * k, hidden.shape[3], h, w)
+        att_key = conv2(mixed)  # (B*K, 32, h, w): the attended K_i^k
         if g_sel.shape[1] == 1:  # the whole map: one value set shared by every particle
             att_val = torch.einsum("bki,bichw->bkchw", lam, g_sel[:, 0])
         else:
