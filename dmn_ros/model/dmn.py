@@ -238,7 +238,7 @@ class DMN(nn.Module):
         # CNN2 first conv = conv(V) + conv(tile(pose)); the second is a per-position affine map.
         eff = valid_tap_weights(self.cnn2_first.weight[:, self.embed_dim:], h, w)  # (64, P, h, w)
         pose_term = torch.einsum("ophw,bkip->bkiohw", eff, pose)
-        hidden = torch.relu(pose_term + a_sel)  # (B, K, Nc, 64, h, w)
+        hidden = (pose_term + a_sel).relu_()  # (B, K, Nc, 64, h, w); in place: one buffer fewer
         # CNN2's last conv is linear (no ReLU), so it commutes with the attention: the logits
         # <W*x + b, q> equal <x, W^T*q> + <b, sum q>, and the attended key sum_i l_i (W*x_i + b)
         # is W*(sum_i l_i x_i) + b because the l_i sum to one. The conv then runs once per
@@ -258,8 +258,8 @@ class DMN(nn.Module):
             att_val = torch.einsum("bki,bkichw->bkchw", lam, g_sel)
         w_key = self.cnn6_first.weight[:, self.value_dim : self.value_dim + self.key_dim]
         key_term = F.conv2d(att_key, w_key, None, padding=1)
-        pre6 = att_val + key_term.reshape(b, k, -1, h, w) + hq.unsqueeze(1)
-        x = self.cnn6_rest(torch.relu(pre6).reshape(b * k, -1, h, w))
+        pre6 = (att_val + key_term.reshape(b, k, -1, h, w)).add_(hq.unsqueeze(1)).relu_()
+        x = self.cnn6_rest(pre6.reshape(b * k, -1, h, w))
         return self.fc1(x).reshape(b, k)
 
     def forward(
