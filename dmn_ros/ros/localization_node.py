@@ -1,7 +1,7 @@
 """localization_node: DMN particle filter on camera frames, nav2_amcl-style interface.
 
-Inputs: ``image_topic`` (newest frame only; older unprocessed frames are dropped and
-counted), ``odom_topic`` (interpolated at image stamps for egomotion),
+Inputs: ``image_topic`` (newest frame whose odometry has arrived; older unprocessed frames
+are dropped and counted), ``odom_topic`` (interpolated at image stamps for egomotion),
 ``initialpose``, the map (``map_topic`` + ``map_info_topic``). Outputs: ``dmn_pose``
 (PoseWithCovarianceStamped, reliable + transient_local, depth 1, stamped with the
 image stamp), ``particle_cloud`` (PoseArray, best effort), ``dmn_markers``
@@ -65,6 +65,8 @@ NOT_DROPS = ("frames", "processed", "odom_jumps")
 POSE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 PARTICLE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 ODOM_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+MAX_WAITING_FRAMES = 8
+"""Frames held at most while odometry for the newest ones is still on its way (the oldest beyond are dropped)."""
 
 try:  # tf2_ros is optional: pip-installed ROS here has no tf2_ros wheel
     from tf2_ros import TransformBroadcaster  # type: ignore[import-not-found]
@@ -121,7 +123,9 @@ class LocalizationNode(Node):
         self.last_stamp: float | None = None
         """Image stamp of the last filter update (egomotion is measured from it)."""
         self._lock = threading.RLock()
-        self._pending: tuple[float, Any, float] | None = None
+        self._frames: list[tuple[float, Any, float]] = []
+        """Unprocessed frames ``(stamp, msg, arrival)``, oldest first: the newest usable one, then newer ones
+        whose odometry has not arrived yet (see :meth:`_take_frame`)."""
         self._last_rgb: np.ndarray | None = None
         self._force_update = False
         self._nomotion_request = False
@@ -203,9 +207,9 @@ class LocalizationNode(Node):
             self.counters["frames"] += 1
             if self._too_far_ahead(stamp):
                 return
-            if self._pending is not None:
-                self.counters["dropped_newer_frame"] += 1
-            self._pending = (stamp, msg, time.monotonic())
+            now = time.monotonic()
+            self._frames.append((stamp, msg, now))
+            self._drop_superseded(now)
 
     def _on_odom(self, msg: Odometry) -> None:
         try:
@@ -322,23 +326,60 @@ class LocalizationNode(Node):
         return resp
 
     # ---- filtering --------------------------------------------------------------------------
-    def _take_frame(self) -> tuple[float, Any] | None:
-        """The newest frame, once odometry covers its stamp (or waited transform_tolerance)."""
+    @property
+    def _pending(self) -> tuple[float, Any, float] | None:
+        """The newest unprocessed frame ``(stamp, msg, arrival)``, or None when no frame waits."""
         with self._lock:
-            if self._pending is None:
+            return self._frames[-1] if self._frames else None
+
+    def _usable(self, stamp: float, arrived: float, now: float) -> bool:
+        """Whether a frame can be filtered now: odometry covers its stamp, none was ever seen, or it waited long enough.
+
+        "Covers" means a sample stamped at or after the frame has arrived, so the pose at the
+        stamp is interpolated. ``OdometryBuffer.pose_at`` also answers up to ``transform_tolerance``
+        past its newest sample by holding that sample; that is only the fallback once a frame has
+        waited ``transform_tolerance`` (odometry late or stopped), as tf2's message filter waits.
+        """
+        latest = self.odom.latest_stamp
+        return (not self._odom_seen or (latest is not None and latest >= stamp)
+                or now - arrived >= float(self.p["transform_tolerance"]))
+
+    def _drop_superseded(self, now: float) -> None:
+        """Drop (counted ``dropped_newer_frame``) every frame older than the newest usable one, and the oldest
+        beyond :data:`MAX_WAITING_FRAMES`: newest frame only, except that a newer frame waiting for its
+        odometry does not discard the usable one (a camera faster than odometry's latency would starve)."""
+        keep = max(len(self._frames) - MAX_WAITING_FRAMES, 0)
+        for i in range(len(self._frames) - 1, keep - 1, -1):
+            stamp, _, arrived = self._frames[i]
+            if self._usable(stamp, arrived, now):
+                keep = i
+                break
+        if keep:
+            self.counters["dropped_newer_frame"] += keep
+            del self._frames[:keep]
+
+    def _take_frame(self) -> tuple[float, Any] | None:
+        """The newest frame that odometry covers (or that waited ``transform_tolerance``); older ones are dropped.
+
+        A frame taken before the odometry sent with it was handled (a loaded machine, or the
+        executor serving the image subscription first) was filtered with the previous odometry
+        sample held, i.e. a wrong egomotion; live replays then drifted from the offline evaluation
+        of the same bag by up to 0.7 m (``test_bags::test_live_replay_matches_offline``).
+        """
+        with self._lock:
+            if not self._frames:
                 return None
-            stamp, msg, arrived = self._pending
+            now = time.monotonic()
+            self._drop_superseded(now)
+            stamp, msg, arrived = self._frames[0]
+            if not self._usable(stamp, arrived, now):
+                return None  # odometry for this stamp is probably still on its way
+            del self._frames[0]
             if self._odom_seen and self.odom.pose_at(stamp) is None:
-                latest = self.odom.latest_stamp
-                waited = time.monotonic() - arrived
-                if latest is not None and latest < stamp and waited < float(self.p["transform_tolerance"]):
-                    return None  # odometry for this stamp is probably still on its way
-                self._pending = None
                 self.counters["no_odom"] += 1
                 self.get_logger().warning(f"frame at {stamp:.3f} dropped: no odometry at its stamp",
                                           throttle_duration_sec=5.0)
                 return None
-            self._pending = None
             return stamp, msg
 
     def _work(self) -> None:
