@@ -5,7 +5,8 @@ metric poses (what users and ROS see) and the normalized units the model was
 trained in (through the exported model's :class:`~dmn_ros.geometry.MetricScale`),
 and runs :func:`dmn_ros.filter.filter_step`, the same filter code training
 optimizes, with systematic resampling when ESS < threshold · K (SPEC
-"Resampling at evaluation").
+"Resampling at evaluation"), to a fixed count or, with ``adaptive_particles``, to
+nav2_amcl's KLD-adaptive count (:mod:`dmn_ros.filter.kld`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dmn_ros.filter import (
     prepare_map,
 )
 from dmn_ros.filter.health import after_injection
+from dmn_ros.filter.kld import AMCL_BIN_XY_M, AMCL_BIN_YAW_RAD, KldConfig
 from dmn_ros.geometry import MetricScale
 from dmn_ros.images import prepare_image
 from dmn_ros.maps import ViewMap
@@ -76,9 +78,23 @@ class LocalizerConfig:
     """Filter settings in metric units; defaults follow the paper's evaluation (K: 2048 global, 256)."""
 
     max_particles: int = 2048
-    """Particles for global localization (uniform prior)."""
+    """Particles for global localization (uniform prior); with ``adaptive_particles`` the upper bound."""
     tracking_particles: int = 256
-    """Particles for tracking from an initial pose."""
+    """Particles for tracking from an initial pose; with ``adaptive_particles`` only the starting count."""
+    adaptive_particles: bool = False
+    """KLD-adaptive count (nav2_amcl, Fox 2003): every resampling draws between ``min_particles`` and
+    ``max_particles``, as many as the occupied histogram bins need (``dmn_ros.filter.kld``)."""
+    min_particles: int = 500
+    """Lower bound of the adaptive count (nav2_amcl ``min_particles``); above ``max_particles`` it is
+    clamped to it."""
+    pf_err: float = 0.05
+    """KLD ε: bound on the K-L divergence of the sampled belief (nav2_amcl ``pf_err``)."""
+    pf_z: float = 0.99
+    """KLD z, the standard-normal quantile value plugged into the bound, as nav2_amcl uses ``pf_z``."""
+    kld_bin_xy_m: float = AMCL_BIN_XY_M
+    """x-y histogram bin of the KLD bound, meters (nav2_amcl hard-codes 0.5 m)."""
+    kld_bin_yaw_rad: float = AMCL_BIN_YAW_RAD
+    """Yaw histogram bin of the KLD bound, radians (nav2_amcl hard-codes 10°)."""
     motion_noise_xy_m: float = 0.2
     """Std of the per-particle translation noise per step, meters, robot frame."""
     motion_noise_yaw_rad: float = 0.05
@@ -121,10 +137,14 @@ class Estimate:
     latency_ms: float
     """Wall time of the step (image preparation, model, filter)."""
     num_particles: int
+    """Particles this update weighed."""
     health: Health | None = None
     """Health signals of this update (ESS, likelihood averages, spreads, converged/lost, level)."""
     recovery: str = ""
     """Recovery taken after this update: ``""``, ``"injected <n>"`` or ``"global"``."""
+    next_particles: int = 0
+    """Particles after resampling and recovery: what the next update weighs (changes with
+    ``adaptive_particles`` or a global restart)."""
 
 
 def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
@@ -195,6 +215,9 @@ class Localizer:
             raise ValueError(f"likelihood_scale must be > 0, got {scale}")
         self.likelihood_scale: float = float(scale)
         """Temperature applied to the observation log-likelihoods (calibration)."""
+        if self.config.min_particles < 1 or self.config.max_particles < 1 or self.config.tracking_particles < 1:
+            raise ValueError("min_particles, max_particles and tracking_particles must be >= 1")
+        self._kld_config()  # validates pf_err, pf_z and the bin sizes now rather than at the first step
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -215,10 +238,23 @@ class Localizer:
         c = self.config
         return FilterConfig(
             transition_noise=(c.motion_noise_xy_m / mpu, c.motion_noise_xy_m / mpu, c.motion_noise_yaw_rad),
-            resampling="systematic",
+            resampling="kld" if c.adaptive_particles else "systematic",
             ess_threshold=c.resample_threshold,
+            kld=self._kld_config(),
             nearest_contexts=c.nearest_contexts,
             likelihood_scale=self.likelihood_scale,
+        )
+
+    def _kld_config(self) -> KldConfig:
+        c = self.config
+        return KldConfig.from_metric(
+            meters_per_unit=self.scale.meters_per_unit,
+            min_particles=min(c.min_particles, c.max_particles),
+            max_particles=c.max_particles,
+            pf_err=c.pf_err,
+            pf_z=c.pf_z,
+            bin_xy_m=c.kld_bin_xy_m,
+            bin_yaw_rad=c.kld_bin_yaw_rad,
         )
 
     # ---- map --------------------------------------------------------------------------------
@@ -378,6 +414,7 @@ class Localizer:
             num_particles=int(res.updated.num_particles),
             health=health,
             recovery=recovery,
+            next_particles=self.num_particles,
         )
 
     def _recover(self, health: Health) -> str:
@@ -416,6 +453,11 @@ class Localizer:
         return 0.5 * (out + out.T)  # exactly symmetric for ROS consumers
 
     # ---- inspection -------------------------------------------------------------------------
+    @property
+    def num_particles(self) -> int:
+        """Particles in the current belief (0 without one); varies with ``adaptive_particles``."""
+        return 0 if self.belief is None else self.belief.num_particles
+
     def current_estimate(self) -> tuple[np.ndarray, np.ndarray]:
         """Metric mean ``(3,)`` and covariance ``(3, 3)`` of the current belief (no new frame)."""
         if self.belief is None:

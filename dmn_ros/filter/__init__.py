@@ -11,6 +11,7 @@ from dmn_ros.filter.health import (
     marginal_log_likelihood,
     particle_spread,
 )
+from dmn_ros.filter.kld import KldConfig, kld_bound, kld_resample, kld_resample_if_degenerate
 from dmn_ros.filter.resampling import (
     resample_if_degenerate,
     soft_resample,
@@ -42,6 +43,7 @@ __all__ = [
     "HealthConfig",
     "HealthLevel",
     "HealthState",
+    "KldConfig",
     "PreparedMap",
     "StepResult",
     "assess",
@@ -52,6 +54,9 @@ __all__ = [
     "init_gaussian",
     "init_uniform",
     "inject_random_particles",
+    "kld_bound",
+    "kld_resample",
+    "kld_resample_if_degenerate",
     "marginal_log_likelihood",
     "normalize_log_weights",
     "particle_spread",

@@ -39,11 +39,17 @@ def soft_resample(belief: Belief, *, alpha: float = 0.5, generator: torch.Genera
     return Belief(particles, normalize_log_weights(new_log_w))
 
 
-def systematic_indices(weights: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Low-variance resampling indices ``(B, K)``: one uniform offset, K evenly spaced pointers."""
+def systematic_indices(
+    weights: torch.Tensor, *, generator: torch.Generator | None = None, num_samples: int | None = None
+) -> torch.Tensor:
+    """Low-variance resampling indices ``(B, N)``: one uniform offset, N evenly spaced pointers.
+
+    ``N = num_samples``, default K (the count stays); KLD resampling draws ``max_particles`` instead.
+    """
     b, k = weights.shape
-    u0 = torch.rand(b, 1, generator=generator, device=weights.device, dtype=weights.dtype) / k
-    pointers = u0 + torch.arange(k, device=weights.device, dtype=weights.dtype).unsqueeze(0) / k
+    n = k if num_samples is None else int(num_samples)
+    u0 = torch.rand(b, 1, generator=generator, device=weights.device, dtype=weights.dtype) / n
+    pointers = u0 + torch.arange(n, device=weights.device, dtype=weights.dtype).unsqueeze(0) / n
     cdf = torch.cumsum(weights, dim=-1)
     cdf = cdf / cdf[:, -1:]  # guard against round-off leaving the last entry below 1
     return torch.searchsorted(cdf, pointers, right=True).clamp(max=k - 1)

@@ -7,12 +7,13 @@ the code path that training optimized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
 
 from dmn_ros.filter.belief import Belief
+from dmn_ros.filter.kld import KldConfig, kld_resample_if_degenerate
 from dmn_ros.filter.resampling import resample_if_degenerate, soft_resample
 from dmn_ros.filter.steps import estimate, transition, update
 
@@ -67,11 +68,14 @@ class FilterConfig:
     transition_noise: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Std of the per-particle motion noise ``(x, y, yaw)`` in the robot frame."""
     resampling: str = "systematic"
-    """``"soft"`` (differentiable, training), ``"systematic"`` (inference, ESS-triggered) or ``"none"``."""
+    """``"soft"`` (differentiable, training), ``"systematic"`` (inference, ESS-triggered), ``"kld"``
+    (ESS-triggered like systematic, but to a KLD-adaptive count; batch size 1) or ``"none"``."""
     soft_alpha: float = 0.5
     """Mixing α of soft resampling."""
     ess_threshold: float = 0.5
-    """Systematic resampling runs when ESS < threshold · K."""
+    """Systematic (and KLD) resampling runs when ESS < threshold · K."""
+    kld: KldConfig = field(default_factory=KldConfig)
+    """Count bounds, ε, z and bin sizes of ``"kld"`` resampling (filter units)."""
     nearest_contexts: int = 0
     """Attend only to this many contexts nearest each particle (0: all); for large shared maps."""
     likelihood_scale: float = 1.0
@@ -121,6 +125,8 @@ def filter_step(
         nxt = soft_resample(updated, alpha=config.soft_alpha, generator=generator)
     elif config.resampling == "systematic":
         nxt, _ = resample_if_degenerate(updated, threshold=config.ess_threshold, generator=generator)
+    elif config.resampling == "kld":
+        nxt, _ = kld_resample_if_degenerate(updated, config.kld, threshold=config.ess_threshold, generator=generator)
     elif config.resampling == "none":
         nxt = updated
     else:

@@ -92,6 +92,12 @@ class LocalizationNode(Node):
         cfg = LocalizerConfig(
             max_particles=int(p["max_particles"]),
             tracking_particles=int(p["tracking_particles"]),
+            adaptive_particles=bool(p["adaptive_particles"]),
+            min_particles=int(p["min_particles"]),
+            pf_err=float(p["pf_err"]),
+            pf_z=float(p["pf_z"]),
+            kld_bin_xy_m=float(p["kld_bin_xy"]),
+            kld_bin_yaw_rad=float(p["kld_bin_yaw"]),
             motion_noise_xy_m=float(p["motion_noise_xy"]),
             motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
             resample_threshold=float(p["resample_threshold"]),
@@ -455,7 +461,9 @@ class LocalizationNode(Node):
                                       f"({est.health.message if est.health else ''})")
         self.get_logger().info(
             f"step {self.counters['processed']}: ({est.mean[0]:.2f}, {est.mean[1]:.2f}, {est.mean[2]:.2f}) "
-            f"spread {est.spread:.2f} m, ESS {est.ess:.0f}/{est.num_particles}, {est.latency_ms:.0f} ms",
+            f"spread {est.spread:.2f} m, ESS {est.ess:.0f}/{est.num_particles}"
+            f"{f' -> K {est.next_particles}' if est.next_particles != est.num_particles else ''}, "
+            f"{est.latency_ms:.0f} ms",
             throttle_duration_sec=2.0,
         )
 
