@@ -22,12 +22,15 @@ import torch
 
 from dmn_ros.errors import ModelLoadError
 from dmn_ros.geometry import MetricScale
-from dmn_ros.model import DMN
+from dmn_ros.model import model_config, model_kind
 
 META_FILE = "dmn_meta.json"
 FORMAT = "dmn_ros.model/1"
 DEFAULT_MODEL_NAME = "dmn_maze32.pt"
 REQUIRED_METHODS = ("embed_views", "prepare_map", "prepare_query", "log_likelihood_prepared")
+"""What a particle-filter observation model (``dmn``, ``latent_image``, ``latent_vector``) exports."""
+REGRESSION_METHODS = ("embed_views", "prepare_map", "prepare_query", "regress_prepared")
+"""What the ``regression`` baseline exports instead (no particle weights)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def export_model(
-    model: DMN,
+    model: torch.nn.Module,
     path: str | os.PathLike[str],
     *,
     meters_per_unit: float,
@@ -88,13 +91,13 @@ def export_model(
     description: str = "",
     calibration: dict[str, float] | None = None,
 ) -> ModelInfo:
-    """Script ``model`` and save it with its metadata, atomically.
+    """Script ``model`` (any kind in :data:`dmn_ros.model.MODEL_KINDS`) and save it with its metadata, atomically.
 
     ``calibration`` (e.g. ``{"covariance_inflation": s}``, fitted on validation runs) is
     stored in ``config["calibration"]``, where the Localizer reads it.
     """
     model = model.to("cpu").eval()
-    config: dict[str, Any] = dict(model.config())
+    config: dict[str, Any] = model_config(model)  # includes "kind": load_model checks the methods it needs
     if calibration:
         config["calibration"] = {k: float(v) for k, v in calibration.items()}
     info = ModelInfo(
@@ -147,7 +150,12 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         raise ModelLoadError(f"model {path} has malformed metadata: {exc}") from exc
     if info.format != FORMAT:
         raise ModelLoadError(f"model {path} has format {info.format!r}, expected {FORMAT!r}")
-    missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
+    try:
+        kind = model_kind(info.config)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {path}: {exc}") from exc
+    required = REGRESSION_METHODS if kind == "regression" else REQUIRED_METHODS
+    missing = [m for m in required if not hasattr(module, m)]
     if missing:
         raise ModelLoadError(f"model {path} lacks methods {missing}: a different architecture")
     if not isinstance(info.image_height, int) or not isinstance(info.image_width, int) or not (

@@ -18,6 +18,7 @@ from dmn_ros.evaluation.protocol import (
     make_episode_set,
     rmse,
     run_filter,
+    run_regression,
     success_rate,
     success_threshold_m,
     uninformed_errors,
@@ -25,6 +26,10 @@ from dmn_ros.evaluation.protocol import (
 from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
 from dmn_ros.geometry import MetricScale
 from dmn_ros.localizer import model_likelihood_scale
+from dmn_ros.model import model_kind
+
+METHOD_LABELS = {"dmn": "DMN", "latent_image": "PF + latent image map", "latent_vector": "PF + latent vector map",
+                 "regression": "regression"}
 
 
 def _ints(s: str) -> list[int]:
@@ -38,7 +43,12 @@ def _in_model_scale(eps: EpisodeSet, model: LoadedModel) -> EpisodeSet:
 
 
 def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: str) -> np.ndarray:
-    """The filter as the node runs this model: its metric scale and its stored calibration."""
+    """The filter as the node runs this model: its metric scale and its stored calibration.
+
+    The regression baseline has no filter: it runs :func:`run_regression` on the same episodes.
+    """
+    if model_kind(model.info.config) == "regression":
+        return run_regression(model.module, _in_model_scale(eps, model), settings, device=device)
     settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(model.info.config))
     return run_filter(model.module, _in_model_scale(eps, model), settings, device=device)
 
@@ -67,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     models = [load_model(m, device=args.device) for m in (args.model or [str(default_model_path())])]
+    kinds = {model_kind(m.info.config) for m in models}
+    if len(kinds) > 1:
+        raise SystemExit(f"--model files are seeds of one method; got kinds {sorted(kinds)}")
+    label = METHOD_LABELS[kinds.pop()]
     max_nc = max([args.nc, *args.nc_sweep])
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
                            T=max(args.T, 5), seed=args.seed)
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     un_t = uninformed_errors(eps, EvalSettings(mode="tracking", T=5, seed=args.seed))
 
     rows = [
-        ("DMN", f"{100 * succ[:, 0].mean():.1f}", f"{100 * succ[:, 4].mean():.1f}", f"{trk_rmse[:, 4].mean():.2f}"),
+        (label, f"{100 * succ[:, 0].mean():.1f}", f"{100 * succ[:, 4].mean():.1f}", f"{trk_rmse[:, 4].mean():.2f}"),
         ("closest context", f"{100 * success_rate(cc, thr)[0]:.1f}", f"{100 * success_rate(cc, thr)[4]:.1f}",
          f"{rmse(cc)[4]:.2f}"),
         ("uninformed", f"{100 * success_rate(un_g, thr)[0]:.1f}", f"{100 * success_rate(un_g, thr)[4]:.1f}",
@@ -112,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         "success(t) = #{episodes: ||xy_est(t) - xy_true(t)|| < threshold} / #episodes;  "
         "RMSE(t) = sqrt(mean over episodes of ||xy_est(t) - xy_true(t)||²).",
         "",
-        "Success vs time step (global, DMN): "
+        f"Success vs time step (global, {label}): "
         + ", ".join(f"t={t + 1}: {100 * succ[:, t].mean():.1f}%" for t in range(T)),
     ]
     summary: dict[str, object] = {
         "models": [m.path for m in models],
+        "method": label,
         "fingerprints": [m.info.fingerprint for m in models],
         "episodes": len(eps.episodes),
         "threshold_m": thr,
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(1, T + 1), 100 * succ.mean(0), "o-", label="DMN")
+    ax.plot(range(1, T + 1), 100 * succ.mean(0), "o-", label=label)
     ax.plot(range(1, T + 1), 100 * success_rate(cc, thr), "--", label="closest context")
     ax.plot(range(1, T + 1), 100 * success_rate(un_g, thr), ":", label="uninformed")
     ax.set_xlabel("time step t")

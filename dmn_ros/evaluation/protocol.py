@@ -158,6 +158,57 @@ def run_filter(
     return np.concatenate(errors, axis=0)
 
 
+@torch.inference_mode()
+def run_regression(
+    model: torch.nn.Module,
+    episodes: EpisodeSet,
+    settings: EvalSettings,
+    *,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """x-y errors in meters, ``(E, T)``, of the regression baseline (``kind: regression``) on the same episodes.
+
+    Its one "particle" starts at the mean of ``b0``, drawn as :func:`run_filter` draws it: the
+    area's center for global localization (yaw 0: a uniform yaw has no mean), the offset
+    prior mean for tracking. ``num_particles``, ``transition_noise``, ``nearest_contexts`` and
+    ``likelihood_scale`` do not apply.
+    """
+    from dmn_ros.model.regression import regress_sequence
+
+    dev = torch.device(device)
+    scale = episodes.scale
+    g = torch.Generator(device=dev).manual_seed(settings.seed)
+    s = settings.tracking_std
+    std = torch.tensor((s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2])), device=dev)
+    cx = 0.5 * (episodes.bounds[0] + episodes.bounds[1])
+    cy = 0.5 * (episodes.bounds[2] + episodes.bounds[3])
+    center = torch.from_numpy(scale.to_normalized(np.array([cx, cy, 0.0]))).float().to(dev)
+    nc = settings.num_contexts
+    errors = []
+    for start in range(0, len(episodes.episodes), settings.batch_episodes):
+        chunk = episodes.episodes[start : start + settings.batch_episodes]
+        b = len(chunk)
+        ctx = torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(dev)
+        cpose = torch.stack([torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float()
+        truth = np.stack([e.query_poses[: settings.T] for e in chunk])  # (B, T, 3) metric
+        ego = torch.stack([torch.from_numpy(scale.delta_to_normalized(e.egomotion[: settings.T])) for e in chunk])
+        queries = torch.stack([_images(e.query_images[: settings.T]) for e in chunk]).to(dev)
+        emb = model.embed_views(ctx.flatten(0, 1))
+        map_v, map_u = model.prepare_map(emb.reshape(b, nc, *emb.shape[1:]))
+        if settings.mode == "global":
+            initial = center.expand(b, 3)
+        elif settings.mode == "tracking":
+            t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
+            initial = t0 + torch.randn(b, 3, generator=g, device=dev) * std
+        else:
+            raise ValueError(f"unknown mode {settings.mode!r}")
+        estimates = regress_sequence(model, map_v=map_v, map_u=map_u, context_poses=cpose.to(dev), queries=queries,
+                                     egomotion=ego.float().to(dev), initial=initial)
+        est = scale.to_metric(torch.stack(estimates, dim=1).double().cpu().numpy())  # (B, T, 3)
+        errors.append(np.hypot(est[..., 0] - truth[..., 0], est[..., 1] - truth[..., 1]))
+    return np.concatenate(errors, axis=0)
+
+
 def closest_context_errors(episodes: EpisodeSet, *, num_contexts: int, T: int) -> np.ndarray:
     """Distance from the truth to the nearest context pose: an upper bound for image-similarity methods."""
     out = []

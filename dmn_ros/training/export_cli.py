@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model_from_checkpoint(state).eval()
     desc = args.description or f"exported from {args.checkpoint} (step {state['step']})"
     calibration = None
+    if args.calibrate and state["model_config"].get("kind", "dmn") == "regression":
+        p.error("--calibrate fits particle-filter temperatures; the regression baseline has no particles")
     if args.calibrate:
         calibration = calibrate(model, args.calibrate, episodes=args.calibrate_episodes)
         print(f"calibration fitted on {args.calibrate} (val): " + ", ".join(f"{k} {v:.4g}" for k, v in

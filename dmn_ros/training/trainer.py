@@ -7,11 +7,14 @@ On a CPU budget we add a context curriculum and a mixture NLL term (SPEC:
 "A curriculum is likely needed on this budget"); both are in the config and
 default to the paper's recipe when the curriculum has one random stage and
 ``nll_weight = 0``.
+
+``model.kind`` selects the model (:data:`dmn_ros.model.MODEL_KINDS`): the latent-map
+baselines train through the same filter and loss (:class:`EpisodeLoss`); the regression
+baseline has no filter and trains with :class:`RegressionLoss` (same pose MSE).
 """
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import math
@@ -29,7 +32,8 @@ from dmn_ros.data.torch_dataset import EpisodeDataset
 from dmn_ros.export import atomic_write_bytes, export_model
 from dmn_ros.filter import FilterConfig, encode_map, init_gaussian, run_episode
 from dmn_ros.geometry import MetricScale
-from dmn_ros.model import DMN
+from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
+from dmn_ros.model.kinds import constructor_args
 from dmn_ros.training.config import TrainConfig
 from dmn_ros.training.loss import mixture_nll, pose_mse
 
@@ -48,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
 class EpisodeLoss(nn.Module):
     """Filter an episode batch and return the loss; a module so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: DMN, cfg: TrainConfig, scale: MetricScale) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -92,6 +96,47 @@ class EpisodeLoss(nn.Module):
         return loss / len(results), mse_last.detach()
 
 
+class RegressionLoss(nn.Module):
+    """The regression baseline's loss: the same pose MSE, on the regressed pose (no particles, no weights).
+
+    The one "particle" starts at the prior's mean (``init_offset`` draws it around the
+    truth like :class:`EpisodeLoss` does) and follows the regressed estimates.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.scale = scale
+        s = cfg.init_std
+        self.init_std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))
+        if cfg.nll_weight > 0:
+            log.warning("nll_weight is ignored by the regression model: it has no particle mixture")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(loss, mse of the last step)``, as :meth:`EpisodeLoss.forward`."""
+        truth = batch["query_poses"]
+        initial = truth[:, 0]
+        if self.cfg.init_offset:
+            initial = initial + torch.randn_like(initial) * initial.new_tensor(self.init_std)
+        ctx = batch["context_images"]
+        b, n = ctx.shape[:2]
+        emb = self.model.embed_views(ctx.flatten(0, 1))
+        map_v, map_u = self.model.prepare_map(emb.reshape(b, n, *emb.shape[1:]))
+        estimates = regress_sequence(self.model, map_v=map_v, map_u=map_u, context_poses=batch["context_poses"],
+                                     queries=batch["query_images"], egomotion=batch["egomotion"], initial=initial)
+        losses = [pose_mse(est, truth[:, t], yaw_weight=self.cfg.yaw_weight) for t, est in enumerate(estimates)]
+        return torch.stack(losses).mean(), losses[-1].detach()
+
+
+def make_loss(model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> nn.Module:
+    """:class:`EpisodeLoss` for the particle-filter kinds, :class:`RegressionLoss` for ``regression``."""
+    kind = model_config(model)["kind"]
+    if kind in PARTICLE_FILTER_KINDS:
+        return EpisodeLoss(model, cfg, scale)
+    return RegressionLoss(model, cfg, scale)
+
+
 def normalize_batch(batch: dict[str, Any], scale: MetricScale, device: torch.device) -> dict[str, torch.Tensor]:
     """Metric poses → the model's normalized coordinates (the one metric scale, SPEC)."""
     return {
@@ -114,15 +159,18 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> DMN:
-    model = DMN(**state["model_config"])
+def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    """The model of ``state["model_config"]["kind"]`` (``dmn`` for checkpoints that predate kinds)."""
+    model = build_model(state["model_config"])
     model.load_state_dict(state["model"])
     return model
 
 
 def load_init_model(path: str | Path, *, image_size: tuple[int, int],
-                    overrides: dict[str, Any]) -> tuple[DMN, float, float]:
-    """A DMN with the weights of an exported model or a checkpoint: ``(model, meters_per_unit, area_size_m)``.
+                    overrides: dict[str, Any]) -> tuple[nn.Module, float, float]:
+    """A model (of the init's kind) with the weights of an exported model or a checkpoint.
+
+    Returns ``(model, meters_per_unit, area_size_m)``.
 
     Raises ``ValueError`` when the dataset's image size or the ``model.*`` overrides do not
     match the init model's architecture.
@@ -142,7 +190,8 @@ def load_init_model(path: str | Path, *, image_size: tuple[int, int],
         except Exception as exc2:
             raise ValueError(f"init={path}: neither an exported model ({exc}) nor a checkpoint ({exc2})") from exc2
     # Only constructor arguments: e.g. a covariance calibration fitted for the init weights is stale after fine-tuning.
-    arch = set(inspect.signature(DMN.__init__).parameters) - {"self"}
+    kind = model_kind(config)
+    arch = constructor_args(kind) | {"kind"}
     dropped = sorted(set(config) - arch)
     if dropped:
         log.info("init=%s: not carried over to the fine-tuned model: %s", path, dropped)
@@ -151,10 +200,11 @@ def load_init_model(path: str | Path, *, image_size: tuple[int, int],
     if size != tuple(image_size):
         raise ValueError(f"init={path}: model images are {size[0]}x{size[1]} but the dataset's are "
                          f"{image_size[0]}x{image_size[1]}; convert with --image-size {size[0]}x{size[1]}")
+    config["kind"] = kind
     clash = {k: (v, config.get(k)) for k, v in overrides.items() if config.get(k) != v}
     if clash:
         raise ValueError(f"init={path}: model.* overrides change the architecture {clash} (given, init)")
-    model = DMN(**config)
+    model = build_model(config)
     model.load_state_dict(state)
     if fingerprint is not None and weights_fingerprint(model) != fingerprint:
         raise ValueError(f"init={path}: weights do not match the model's fingerprint {fingerprint}")
@@ -196,7 +246,7 @@ def validation_batches(cfg: TrainConfig, num_contexts: int = 4) -> list[dict[str
 
 
 @torch.no_grad()
-def evaluate_loss(crit: EpisodeLoss, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+def evaluate_loss(crit: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
     torch.manual_seed(1234)  # same prior draws every validation: comparable numbers
     was_training = crit.training
     crit.eval()
@@ -235,7 +285,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         area = max(area, init_area)
         model = model.to(device)
     else:
-        model = DMN(image_height=meta.image_size[0], image_width=meta.image_size[1], **cfg.model).to(device)
+        model = build_model({"image_height": meta.image_size[0], "image_width": meta.image_size[1],
+                             **cfg.model}).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -249,7 +300,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         if dist_info.is_main:
             log.info("resumed from %s at step %d (best val %.4f)", last_path, step, best_val)
 
-    crit = EpisodeLoss(model, cfg, scale)
+    crit = make_loss(model, cfg, scale)
     runner: nn.Module = crit
     if dist_info.world_size > 1:
         runner = nn.parallel.DistributedDataParallel(crit, device_ids=[device.index] if device.type == "cuda" else None)
@@ -263,7 +314,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     def state_dict() -> dict[str, Any]:
         return {
             "model": model.state_dict(),
-            "model_config": model.config(),
+            "model_config": model_config(model),
             "optimizer": opt.state_dict(),
             "step": step,
             "best_val": best_val,
@@ -364,7 +415,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         best = out / CHECKPOINT_BEST
         src = load_checkpoint(best if best.is_file() else last_path)
         info = export_model(model_from_checkpoint(src), exported, meters_per_unit=scale.meters_per_unit,
-                            area_size_m=area, description=f"DMN trained on {cfg.data}, step {src['step']}")
+                            area_size_m=area,
+                            description=f"{model_config(model)['kind']} trained on {cfg.data}, step {src['step']}")
         log.info("exported %s (fingerprint %s)", exported, info.fingerprint)
         if writer is not None:
             writer.close()
