@@ -61,7 +61,7 @@ LOCALIZATION: ParamTable = {
     "kld_bin_yaw": (math.radians(10.0), "rad, yaw histogram bin of the KLD bound (nav2_amcl: 10 deg)"),
     "update_min_d": (0.2, "translation (m) since the last update needed for a new filter update"),
     "update_min_a": (0.1, "rotation (rad) since the last update needed for a new filter update"),
-    "transform_tolerance": (1.0, "s: odometry extrapolation allowed, and map->odom post-dating"),
+    "transform_tolerance": (1.0, "s: wait for a frame's odometry, hold of the last odometry, map->odom post-dating"),
     "set_initial_pose": (False, "start tracking from initial_pose.* instead of waiting"),
     "initial_pose.x": (0.0, "m"),
     "initial_pose.y": (0.0, "m"),
