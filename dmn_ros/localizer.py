@@ -43,6 +43,7 @@ from dmn_ros.filter.kld import AMCL_BIN_XY_M, AMCL_BIN_YAW_RAD, KldConfig
 from dmn_ros.geometry import MetricScale
 from dmn_ros.images import prepare_image
 from dmn_ros.maps import ViewMap
+from dmn_ros.model.kinds import PARTICLE_FILTER_KINDS, model_kind
 
 __all__ = [
     "Estimate",
@@ -181,6 +182,10 @@ class Localizer:
     """One robot's DMN particle filter with metric inputs and outputs."""
 
     def __init__(self, model: LoadedModel, *, config: LocalizerConfig | None = None, seed: int = 0) -> None:
+        kind = model_kind(model.info.config)
+        if kind not in PARTICLE_FILTER_KINDS:  # e.g. the regression baseline: no likelihood to weigh particles
+            raise ValueError(f"{model.path}: a {kind!r} model has no observation model for the particle filter; "
+                             f"the Localizer runs {', '.join(PARTICLE_FILTER_KINDS)} models")
         self.config = config or LocalizerConfig()
         self.device = resolve_device(self.config.device)
         if self.device != model.device:

@@ -168,6 +168,10 @@ def test_regression_export_round_trip(tmp_path: Path) -> None:
         eager = model(query, _embed(model, ctx), cposes, prev)
         scripted = loaded.module(query, _embed(loaded.module, ctx), cposes, prev)
     torch.testing.assert_close(scripted, eager, atol=1e-5, rtol=1e-5)
+    from dmn_ros.localizer import Localizer
+
+    with pytest.raises(ValueError, match="no observation model for the particle filter"):
+        Localizer(loaded)
 
 
 def _rewrite_meta(src: Path, dst: Path, **changes) -> None:
