@@ -9,40 +9,28 @@ Also measures bytes per shared context and the late-join time for a 100-context 
 
 from __future__ import annotations
 
-import os
-
-os.environ["ROS_DOMAIN_ID"] = str(200 + os.getpid() % 30)
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
-
 import math
-import threading
 import time
 
 import numpy as np
 import pytest
-import torch
 
 rclpy = pytest.importorskip("rclpy")
 
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.serialization import serialize_message  # noqa: E402
+from ros_helpers import LOC_PARAMS, SIM_PARAMS, Spinning, initialpose_msg, params  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 from std_srvs.srv import Empty, Trigger  # noqa: E402
 
-from dmn_ros.export import default_model_path, export_model, load_model  # noqa: E402
+from dmn_ros.export import default_model_path, load_model  # noqa: E402
 from dmn_ros.localizer import embed_images  # noqa: E402
 from dmn_ros.maps import ViewMap  # noqa: E402
-from dmn_ros.model import DMN  # noqa: E402
 from dmn_ros.ros.conversions import (  # noqa: E402
-    cov3_to_cov6,
     pose_to_xyyaw,
     sec_to_stamp,
     shared_batch_to_pointcloud,
     stamp_to_sec,
-    xyyaw_to_pose,
 )
 from dmn_ros.ros.localization_node import POSE_QOS, LocalizationNode  # noqa: E402
 from dmn_ros.ros.mapping_node import MappingNode, shared_qos  # noqa: E402
@@ -55,66 +43,32 @@ SEED = 20_000_003
 TOPIC = "/dmn_shared_contexts"
 
 
-class Robot:
+class Robot(Spinning):
     """One robot's namespaced nodes in their own rclpy context (own DDS participant, so peers discover
     each other over loopback as separate robots would), spun by a background executor."""
 
+    poll = 0.01
+
     def __init__(self, model, tmp_path, ns):
+        super().__init__(num_threads=3)
         self.model = model
         self.tmp = tmp_path
         self.ns = ns
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
-        self.nodes: list = []
-        self.executor = MultiThreadedExecutor(num_threads=3, context=self.ctx)
         self.probe = self.add(rclpy.create_node("probe", namespace=ns, context=self.ctx))
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def add(self, node):
-        self.nodes.append(node)
-        self.executor.add_node(node)
-        return node
+        self.start()
 
     def mapping(self, **over):
         ns = self.ns
         ps = {"share_contexts": True, "map_file": str(self.tmp / f"{ns}.safetensors"), **over}
-        return self.add(MappingNode(model=self.model, namespace=ns, context=self.ctx,
-                                    parameter_overrides=[Parameter(k, value=v) for k, v in ps.items()]))
+        return self.add(MappingNode(model=self.model, namespace=ns, context=self.ctx, parameter_overrides=params(ps)))
 
     def sim(self, *, num_contexts=8, seed=SEED, **over):
-        ns = self.ns
-        ps = {"world_seed": seed, "rate": 0.0, "num_contexts": num_contexts, "trajectory_steps": 40, **over}
-        return self.add(SimNode(namespace=ns, context=self.ctx,
-                                parameter_overrides=[Parameter(k, value=v) for k, v in ps.items()]))
+        ps = {"world_seed": seed, **SIM_PARAMS, "num_contexts": num_contexts, **over}
+        return self.add(SimNode(namespace=self.ns, context=self.ctx, parameter_overrides=params(ps)))
 
     def localization(self, **over):
-        ns = self.ns
-        ps = {"max_particles": 128, "tracking_particles": 64, "update_min_d": 0.0, "update_min_a": 0.0, **over}
-        return self.add(LocalizationNode(model=self.model, namespace=ns, context=self.ctx,
-                                         parameter_overrides=[Parameter(k, value=v) for k, v in ps.items()]))
-
-    def wait(self, cond, timeout=20.0, what=""):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if cond():
-                return time.monotonic() - t0
-            time.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def call(self, srv_type, name, timeout=10.0):
-        cli = self.probe.create_client(srv_type, name)
-        assert cli.wait_for_service(timeout_sec=timeout), name
-        fut = cli.call_async(srv_type.Request())
-        self.wait(fut.done, timeout, name)
-        return fut.result()
-
-    def close(self):
-        self.executor.shutdown()
-        for n in self.nodes:
-            n.destroy_node()
-        rclpy.shutdown(context=self.ctx)
-        self.thread.join(timeout=5)
+        return self.add(LocalizationNode(model=self.model, namespace=self.ns, context=self.ctx,
+                                         parameter_overrides=params({**LOC_PARAMS, **over})))
 
 
 def _by_id(vm: ViewMap) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -127,14 +81,6 @@ def assert_identical(a: ViewMap, b: ViewMap) -> None:
     for v in ma:  # bit-identical: float64 poses and float32 embeddings travel unchanged
         np.testing.assert_array_equal(ma[v][0], mb[v][0])
         np.testing.assert_array_equal(ma[v][1], mb[v][1])
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "untrained.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
 
 
 def _step(f: Robot, sim: SimNode, loc: LocalizationNode, poses: list, timeout: float = 30.0) -> float:
@@ -300,10 +246,7 @@ def test_trained_robot2_tracks_on_the_merged_map(tmp_path):
         f.wait(lambda: len(map2.view_map) == 32 and loc2.localizer.has_map
                and len(loc2.localizer.view_map) == 32, what="merged map at robot2")
         sim2.step_once()
-        msg = PoseWithCovarianceStamped()
-        msg.header.frame_id = "map"
-        msg.pose.pose = xyyaw_to_pose(sim2.truth + np.array([3.0, 0.0, 0.2]))
-        msg.pose.covariance = cov3_to_cov6(np.diag([36.0, 36.0, math.radians(30) ** 2]))
+        msg = initialpose_msg(sim2.truth + np.array([3.0, 0.0, 0.2]), np.diag([36.0, 36.0, math.radians(30) ** 2]))
         f.wait(lambda: init.get_subscription_count() > 0, what="initialpose matched")
         init.publish(msg)
         f.wait(lambda: loc2.localizer.mode == "tracking", what="tracking")
@@ -350,8 +293,7 @@ def test_namespaced_launch_gets_node_sections(untrained, tmp_path):
     assert lp["initial_pose.std_xy"] == 6.0 and "share_contexts" not in lp
     r = Robot(untrained, tmp_path, "robot2")
     try:
-        node = r.add(MappingNode(model=untrained, namespace="robot2", context=r.ctx,
-                                 parameter_overrides=[Parameter(k, value=v) for k, v in mp.items()]))
+        node = r.add(MappingNode(model=untrained, namespace="robot2", context=r.ctx, parameter_overrides=params(mp)))
         assert node.sharing and node.robot_id == "robot2" and node.ledger.max_contexts == 500
         assert node.get_fully_qualified_name() == "/robot2/mapping_node"
     finally:

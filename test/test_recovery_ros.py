@@ -10,15 +10,7 @@ Tests with the shipped model are skipped only when ``models/dmn_maze32.pt`` is a
 
 from __future__ import annotations
 
-import os
-
-os.environ["ROS_DOMAIN_ID"] = str(200 + os.getpid() % 30)
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
-
 import math
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -27,20 +19,15 @@ import torch
 rclpy = pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from ros_helpers import NodeStack, init_context, initialpose_msg  # noqa: E402
 
 from dmn_ros.evaluation.health_metrics import time_to_recover  # noqa: E402
-from dmn_ros.export import LoadedModel, default_model_path, export_model, load_model  # noqa: E402
+from dmn_ros.export import LoadedModel, default_model_path, load_model  # noqa: E402
 from dmn_ros.filter import HealthConfig  # noqa: E402
 from dmn_ros.localizer import Localizer, LocalizerConfig, embed_images  # noqa: E402
 from dmn_ros.maps import ViewMap  # noqa: E402
-from dmn_ros.model import DMN  # noqa: E402
-from dmn_ros.ros.conversions import cov3_to_cov6, stamp_to_sec, xyyaw_to_pose  # noqa: E402
-from dmn_ros.ros.localization_node import LocalizationNode  # noqa: E402
-from dmn_ros.ros.mapping_node import MappingNode  # noqa: E402
-from dmn_ros.ros.sim_node import SimNode  # noqa: E402
+from dmn_ros.ros.conversions import stamp_to_sec  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -73,45 +60,17 @@ class KidnapForcedModel:
         return torch.zeros(particles.shape[:2], dtype=particles.dtype, device=particles.device) + drop
 
 
-class Stack:
+class Stack(NodeStack):
     def __init__(self, model, loc_model, tmp_path, *, loc_overrides=(), sim_overrides=(), num_contexts=8):
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
-        kw = {"context": self.ctx}
-        self.sim = SimNode(parameter_overrides=[
-            Parameter("world_seed", value=SEED), Parameter("rate", value=0.0),
-            Parameter("num_contexts", value=num_contexts), Parameter("trajectory_steps", value=60),
-            *sim_overrides], **kw)
-        self.mapping = MappingNode(model=model, parameter_overrides=[
-            Parameter("map_file", value=str(tmp_path / "map.safetensors"))], **kw)
-        self.loc = LocalizationNode(model=loc_model, parameter_overrides=[
-            Parameter("max_particles", value=128), Parameter("tracking_particles", value=64),
-            Parameter("update_min_d", value=0.0), Parameter("update_min_a", value=0.0),
-            Parameter("diagnostics_period", value=0.2), *loc_overrides], **kw)
-        self.probe = rclpy.create_node("probe", context=self.ctx)
+        super().__init__(model, tmp_path, seed=SEED, loc_model=loc_model, num_contexts=num_contexts,
+                         trajectory_steps=60, sim_overrides=sim_overrides,
+                         loc_overrides=[Parameter("diagnostics_period", value=0.2), *loc_overrides])
         self.diags: list[DiagnosticStatus] = []
-        self.poses: list[PoseWithCovarianceStamped] = []
         self.probe.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)
-        from dmn_ros.ros.localization_node import POSE_QOS
-
-        self.probe.create_subscription(PoseWithCovarianceStamped, "dmn_pose", self.poses.append, POSE_QOS)
-        self.initialpose = self.probe.create_publisher(PoseWithCovarianceStamped, "initialpose", 10)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
-        for n in (self.sim, self.mapping, self.loc, self.probe):
-            self.executor.add_node(n)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.start()
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         self.diags.extend(s for s in msg.status if s.name.endswith("localization_node: localization"))
-
-    def wait(self, cond, timeout=20.0, what=""):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if cond():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}")
 
     def latest_diag(self, after: int = 0, timeout=10.0) -> DiagnosticStatus:
         self.wait(lambda: len(self.diags) > after, timeout, "diagnostics")
@@ -133,19 +92,8 @@ class Stack:
         return next(d for d in reversed(self.diags) if _kv(d).get("processed") == str(n + 1))
 
     def init_pose(self, pose, cov):
-        msg = PoseWithCovarianceStamped()
-        msg.header.frame_id = "map"
-        msg.pose.pose = xyyaw_to_pose(np.asarray(pose, dtype=np.float64))
-        msg.pose.covariance = cov3_to_cov6(cov)
-        self.initialpose.publish(msg)
+        self.initialpose.publish(initialpose_msg(pose, cov))
         self.wait(lambda: self.loc.localizer.mode == "tracking", what="tracking")
-
-    def close(self):
-        self.executor.shutdown()
-        for n in (self.sim, self.mapping, self.loc, self.probe):
-            n.destroy_node()
-        rclpy.shutdown(context=self.ctx)
-        self.thread.join(timeout=5)
 
 
 def _kv(status: DiagnosticStatus) -> dict[str, str]:
@@ -156,19 +104,10 @@ def _level(status: DiagnosticStatus) -> int:
     return status.level[0] if isinstance(status.level, bytes) else int(status.level)
 
 
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "untrained.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
-
-
 def test_sim_kidnap_teleports_without_odometry(untrained, tmp_path):
     from dmn_ros.ros.sim_node import SimNode as _Sim
 
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
+    ctx = init_context()
     try:
         sim = _Sim(context=ctx, parameter_overrides=[
             Parameter("world_seed", value=SEED), Parameter("rate", value=0.0), Parameter("num_contexts", value=2),

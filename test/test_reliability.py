@@ -7,7 +7,6 @@ localization, probe) carries the input cases; faults use their own nodes or cont
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -21,6 +20,7 @@ rclpy = pytest.importorskip("rclpy")
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from ros_helpers import domain_id, params  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Empty, Trigger  # noqa: E402
 from test_multirobot import Robot, assert_identical  # noqa: E402
@@ -28,10 +28,9 @@ from test_ros_nodes import Stack  # noqa: E402
 
 import dmn_ros.export as export_mod  # noqa: E402
 from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError, ModelLoadError  # noqa: E402
-from dmn_ros.export import META_FILE, export_model, load_model  # noqa: E402
+from dmn_ros.export import META_FILE, load_model  # noqa: E402
 from dmn_ros.localizer import embed_images  # noqa: E402
 from dmn_ros.maps import ViewMap  # noqa: E402
-from dmn_ros.model import DMN  # noqa: E402
 from dmn_ros.ros.conversions import (  # noqa: E402
     cov3_to_cov6,
     pose_to_xyyaw,
@@ -44,7 +43,6 @@ from dmn_ros.ros.localization_node import LocalizationNode, read_pose_file, reso
 from dmn_ros.ros.mapping_node import CONTEXT_QOS, MAP_QOS, MappingNode, shared_qos  # noqa: E402
 from dmn_ros.sharing import ContextBatch  # noqa: E402
 
-os.environ["ROS_DOMAIN_ID"] = str(150 + os.getpid() % 50)  # the imports above set their own
 pytestmark = pytest.mark.ros
 RNG = np.random.default_rng(7)
 
@@ -100,14 +98,6 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "untrained.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
-
-
-@pytest.fixture(scope="module")
 def rig(untrained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
     s = Stack(untrained, tmp, loc_overrides=[Parameter("odom_buffer_s", value=3.0),
@@ -139,11 +129,10 @@ def test_encodings_converted_or_rejected_and_sizes(rig):
 
 def test_corrupt_compressed_image_then_good(rig, untrained):
     s = rig.s
-    loc = LocalizationNode(model=untrained, namespace="cmp", context=s.ctx, parameter_overrides=[
-        Parameter(k, value=v) for k, v in {
-            "use_compressed": True, "map_topic": "/dmn_map", "map_info_topic": "/dmn_map_info", "odom_topic": "/odom",
-            "max_particles": 64, "tracking_particles": 32, "set_initial_pose": True, "update_min_d": 0.0,
-            "update_min_a": 0.0, "save_pose_rate": 0.0}.items()])
+    loc = LocalizationNode(model=untrained, namespace="cmp", context=s.ctx, parameter_overrides=params({
+        "use_compressed": True, "map_topic": "/dmn_map", "map_info_topic": "/dmn_map_info", "odom_topic": "/odom",
+        "max_particles": 64, "tracking_particles": 32, "set_initial_pose": True, "update_min_d": 0.0,
+        "update_min_a": 0.0, "save_pose_rate": 0.0}))
     s.executor.add_node(loc)
     try:
         pub = s.probe.create_publisher(CompressedImage, "/cmp/camera/image/compressed", 10)
@@ -451,8 +440,8 @@ def test_localization_restart_resumes_from_saved_pose(rig, untrained, tmp_path):
     assert s.loc.save_pose() or s.loc.pose_saves > 0
     mean, cov = read_pose_file(s.loc.pose_file, frame_id="map")
     np.testing.assert_allclose(mean, s.loc.last_estimate.mean, atol=1e-9)
-    over = [Parameter(k, value=v) for k, v in {"pose_file": str(s.loc.pose_file), "initialize_at_saved_pose": True,
-                                               "tracking_particles": 64, "save_pose_rate": 0.0}.items()]
+    over = params({"pose_file": str(s.loc.pose_file), "initialize_at_saved_pose": True, "tracking_particles": 64,
+                   "save_pose_rate": 0.0})
     node = LocalizationNode(model=untrained, namespace="restarted", context=s.ctx, parameter_overrides=over)
     try:
         assert node.localizer.mode == "tracking"
@@ -559,7 +548,7 @@ def test_soak_60s_no_crash_no_rss_growth(untrained):
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
     res = soak.run_soak(60.0, particles=64, contexts=8, window=10.0, warmup=10.0, model_path=untrained.path,
-                        domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 1, quiet=True)
+                        domain_id=domain_id() + 1, quiet=True)
     s = res["summary"]
     rows = "\n".join(str(r) for r in res["rows"])
     print(rows)

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
-
 import math
-import threading
 import time
 
 import numpy as np
 import pytest
-import torch
 
 rclpy = pytest.importorskip("rclpy")
 
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from ros_helpers import NodeStack, initialpose_msg  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_srvs.srv import Empty, Trigger  # noqa: E402
 
-from dmn_ros.export import default_model_path, export_model, load_model  # noqa: E402
+from dmn_ros.export import default_model_path, load_model  # noqa: E402
 from dmn_ros.maps import ViewMap  # noqa: E402
-from dmn_ros.model import DMN  # noqa: E402
 from dmn_ros.ros.conversions import (  # noqa: E402
     cov3_to_cov6,
     cov6_to_cov3,
@@ -37,60 +28,24 @@ from dmn_ros.ros.conversions import (  # noqa: E402
     view_map_to_pointcloud,
     xyyaw_to_pose,
 )
-from dmn_ros.ros.localization_node import LocalizationNode  # noqa: E402
-from dmn_ros.ros.mapping_node import MappingNode  # noqa: E402
-from dmn_ros.ros.sim_node import SimNode  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
 SEED = 20_000_001
 
 
-class Stack:
+class Stack(NodeStack):
     """Three nodes plus a probe node in one context, spun by a background executor."""
 
     def __init__(self, model, tmp_path, *, loc_overrides=(), num_contexts=8):
+        super().__init__(model, tmp_path, seed=SEED, num_contexts=num_contexts, loc_overrides=loc_overrides)
         self.model_fp = model.info.fingerprint
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
-        kw = {"context": self.ctx}
-        self.sim = SimNode(parameter_overrides=[
-            Parameter("world_seed", value=SEED), Parameter("rate", value=0.0),
-            Parameter("num_contexts", value=num_contexts), Parameter("trajectory_steps", value=40)], **kw)
-        self.mapping = MappingNode(model=model, parameter_overrides=[
-            Parameter("map_file", value=str(tmp_path / "map.safetensors"))], **kw)
-        self.loc = LocalizationNode(model=model, parameter_overrides=[
-            Parameter("max_particles", value=128), Parameter("tracking_particles", value=64),
-            Parameter("update_min_d", value=0.0), Parameter("update_min_a", value=0.0), *loc_overrides], **kw)
-        self.probe = rclpy.create_node("probe", context=self.ctx)
-        self.poses: list[PoseWithCovarianceStamped] = []
         self.clouds: list[PoseArray] = []
-        from dmn_ros.ros.localization_node import PARTICLE_QOS, POSE_QOS
+        from dmn_ros.ros.localization_node import PARTICLE_QOS
 
-        self.probe.create_subscription(PoseWithCovarianceStamped, "dmn_pose", self.poses.append, POSE_QOS)
         self.probe.create_subscription(PoseArray, "particle_cloud", self.clouds.append, PARTICLE_QOS)
-        self.initialpose = self.probe.create_publisher(PoseWithCovarianceStamped, "initialpose", 10)
         self.cam = self.probe.create_publisher(Image, "camera/image", 10)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
-        for n in (self.sim, self.mapping, self.loc, self.probe):
-            self.executor.add_node(n)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def wait(self, cond, timeout=20.0, what=""):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if cond():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def call(self, srv_type, name, timeout=10.0):
-        cli = self.probe.create_client(srv_type, name)
-        assert cli.wait_for_service(timeout_sec=timeout), name
-        fut = cli.call_async(srv_type.Request())
-        self.wait(fut.done, timeout, name)
-        return fut.result()
+        self.start()
 
     def map_ready(self, n):
         self.sim.publish_contexts()
@@ -104,21 +59,6 @@ class Stack:
         self.wait(lambda: self.poses and abs(stamp_to_sec(self.poses[-1].header.stamp) - stamp) < 1e-6,
                   timeout, "pose")
         return stamp
-
-    def close(self):
-        self.executor.shutdown()
-        for n in (self.sim, self.mapping, self.loc, self.probe):
-            n.destroy_node()
-        rclpy.shutdown(context=self.ctx)
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "untrained.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +99,7 @@ def test_initialpose_reseeds_and_global_spreads(stack):
     n_bad = s.loc.counters["bad_initialpose"]
     s.initialpose.publish(bad)
     s.wait(lambda: s.loc.counters["bad_initialpose"] > n_bad, what="wrong-frame rejection")
-    msg = PoseWithCovarianceStamped()
-    msg.header.frame_id = "map"
-    msg.pose.pose = xyyaw_to_pose(np.array([3.0, -4.0, 1.0]))
-    msg.pose.covariance = cov3_to_cov6(np.diag([0.04, 0.04, 0.01]))
-    s.initialpose.publish(msg)
+    s.initialpose.publish(initialpose_msg([3.0, -4.0, 1.0], np.diag([0.04, 0.04, 0.01])))
     s.wait(lambda: s.loc.localizer.mode == "tracking", what="tracking")
     p = s.loc.localizer.particles_metric()
     assert len(p) == 64
@@ -242,11 +178,8 @@ def test_trained_tracking_and_global(tmp_path):
         # Tracking: start 3 m off with the paper's σ (6 m, 30°) and converge within 5 steps.
         s.sim.step_once()
         truth = s.sim.truth
-        msg = PoseWithCovarianceStamped()
-        msg.header.frame_id = "map"
-        msg.pose.pose = xyyaw_to_pose(truth + np.array([3.0, 0.0, 0.2]))
-        msg.pose.covariance = cov3_to_cov6(np.diag([36.0, 36.0, math.radians(30) ** 2]))
-        s.initialpose.publish(msg)
+        s.initialpose.publish(initialpose_msg(truth + np.array([3.0, 0.0, 0.2]),
+                                              np.diag([36.0, 36.0, math.radians(30) ** 2])))
         s.wait(lambda: s.loc.localizer.mode == "tracking", what="tracking")
         errs = []
         for _ in range(5):
