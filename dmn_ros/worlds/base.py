@@ -12,9 +12,9 @@ from types import TracebackType
 
 import numpy as np
 
-from dmn_ros.worlds.renderer import FirstPersonRenderer
+from dmn_ros.worlds.renderer import CAMERA_NAME, FirstPersonRenderer
 
-__all__ = ["AREA_SIZE_M", "Footprints", "World"]
+__all__ = ["AREA_SIZE_M", "Footprints", "World", "cube_material"]
 
 AREA_SIZE_M = 40.0
 """Side of the square environment in meters (the paper's 40 m × 40 m), centered on the origin."""
@@ -47,6 +47,12 @@ class Footprints:
             dist = np.hypot(xy[:, None, 0] - c[None, :, 0], xy[:, None, 1] - c[None, :, 1]) - c[None, :, 2]
             d = np.minimum(d, np.maximum(dist, 0.0).min(axis=1))
         return d
+
+
+def cube_material(name: str, texture: str, texrepeat: str) -> str:
+    """MJCF for a cube texture ``name`` with the given source attributes, and the material ``name`` tiling it."""
+    return (f'<texture name="{name}" type="cube" {texture}/>'
+            f'<material name="{name}" texture="{name}" texrepeat="{texrepeat}" texuniform="true" specular="0"/>')
 
 
 class World:
@@ -95,6 +101,40 @@ class World:
             fov_deg=self.fov_deg,
             eye_height_m=self.eye_height_m,
         )
+
+    def _start_scene(self, *, ambient: float, diffuse: float, light: float, sky: str, floor: str, texrepeat: str,
+                     materials: list[str], floor_half: float, geoms: list[str], assets: dict[str, bytes]) -> None:
+        """Starts the renderer on the MJCF scene all domains share: a skybox, a textured floor plane of half side
+        ``floor_half``, the ``geoms`` on it, one directional light and the first-person camera.
+
+        ``ambient``, ``diffuse``: the headlight's grey levels; ``light``: the directional light's; ``sky``,
+        ``floor``: the source attributes of their ``<texture>``; ``texrepeat``: the floor material's;
+        ``materials``: the walls' textures and materials (:func:`cube_material`).
+        """
+        materials_xml = "\n".join(materials)
+        xml = f"""
+<mujoco model="{self.domain}_{self.seed}">
+  <statistic extent="40" center="0 0 1"/>
+  <visual>
+    <quality shadowsize="0" offsamples="0"/>
+    <map znear="0.004" zfar="3"/>
+    <headlight ambient="{ambient} {ambient} {ambient}" diffuse="{diffuse} {diffuse} {diffuse}" specular="0 0 0"/>
+  </visual>
+  <asset>
+    <texture name="sky" type="skybox" {sky}/>
+    <texture name="floor" type="2d" {floor}/>
+    <material name="floor" texture="floor" texrepeat="{texrepeat}" texuniform="true" specular="0"/>
+    {materials_xml}
+  </asset>
+  <worldbody>
+    <light directional="true" pos="0 0 30" dir="0.3 0.2 -1" diffuse="{light} {light} {light}" castshadow="false"/>
+    <geom type="plane" size="{floor_half} {floor_half} 0.1" material="floor"/>
+    {"".join(geoms)}
+    <camera name="{CAMERA_NAME}" pos="0 0 {self.eye_height_m:.6f}"/>
+  </worldbody>
+</mujoco>
+"""
+        self._start_renderer(xml, assets)
 
     def render(self, poses: np.ndarray) -> np.ndarray:
         """First-person RGB images (N, H, W, 3) uint8 at metric poses (N, 3) = (x, y, yaw)."""

@@ -12,8 +12,8 @@ import labmaze
 import labmaze.assets
 import numpy as np
 
-from dmn_ros.worlds.base import World
-from dmn_ros.worlds.renderer import CAMERA_NAME, load_texture_png
+from dmn_ros.worlds.base import World, cube_material
+from dmn_ros.worlds.renderer import load_texture_png
 
 __all__ = ["MazeWorld", "maze_textures"]
 
@@ -122,34 +122,8 @@ class MazeWorld(World):
         sky = labmaze.assets.get_sky_texture_paths(sky_style)
         for side in ("left", "right", "up", "down", "front", "back"):
             assets[f"sky_{side}.png"] = load_texture_png(getattr(sky, side), texture_px)
-        rep = 1.0 / self.cell_m  # one texture tile per maze cell
-        wall_assets = "\n".join(
-            f'<texture name="wall{i}" type="cube" file="wall{i}.png"/>'
-            f'<material name="wall{i}" texture="wall{i}" texrepeat="{rep:.6f} {rep:.6f}" texuniform="true" '
-            'specular="0"/>'
-            for i in range(len(wall_files))
-        )
-        xml = f"""
-<mujoco model="maze_{self.seed}">
-  <statistic extent="40" center="0 0 1"/>
-  <visual>
-    <quality shadowsize="0" offsamples="0"/>
-    <map znear="0.004" zfar="3"/>
-    <headlight ambient="0.45 0.45 0.45" diffuse="0.35 0.35 0.35" specular="0 0 0"/>
-  </visual>
-  <asset>
-    <texture name="sky" type="skybox" fileleft="sky_left.png" fileright="sky_right.png" fileup="sky_up.png"
-             filedown="sky_down.png" filefront="sky_front.png" fileback="sky_back.png"/>
-    <texture name="floor" type="2d" file="floor.png"/>
-    <material name="floor" texture="floor" texrepeat="{rep:.6f} {rep:.6f}" texuniform="true" specular="0"/>
-    {wall_assets}
-  </asset>
-  <worldbody>
-    <light directional="true" pos="0 0 30" dir="0.3 0.2 -1" diffuse="0.4 0.4 0.4" castshadow="false"/>
-    <geom type="plane" size="20 20 0.1" material="floor"/>
-    {"".join(geoms)}
-    <camera name="{CAMERA_NAME}" pos="0 0 {self.eye_height_m:.6f}"/>
-  </worldbody>
-</mujoco>
-"""
-        self._start_renderer(xml, assets)
+        rep = f"{1.0 / self.cell_m:.6f}"  # one texture tile per maze cell
+        materials = [cube_material(f"wall{i}", f'file="wall{i}.png"', f"{rep} {rep}") for i in range(len(wall_files))]
+        sky = " ".join(f'file{side}="sky_{side}.png"' for side in ("left", "right", "up", "down", "front", "back"))
+        self._start_scene(ambient=0.45, diffuse=0.35, light=0.4, sky=sky, floor='file="floor.png"',
+                          texrepeat=f"{rep} {rep}", materials=materials, floor_half=20, geoms=geoms, assets=assets)

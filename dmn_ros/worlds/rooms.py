@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmn_ros.worlds.base import World
-from dmn_ros.worlds.renderer import CAMERA_NAME
+from dmn_ros.worlds.base import World, cube_material
 
 __all__ = ["RoomsWorld"]
 
@@ -86,35 +85,9 @@ class RoomsWorld(World):
         self.footprints.circles = np.array(circles, dtype=np.float64).reshape(-1, 3)
 
         builtin = ("checker", "gradient", "flat")
-        wall_tex = "\n".join(
-            f'<texture name="wall{i}" type="cube" builtin="{builtin[int(rng.integers(3))]}" '
-            f'rgb1="{_rgb(rng)}" rgb2="{_rgb(rng)}" width="64" height="64"/>'
-            f'<material name="wall{i}" texture="wall{i}" texrepeat="0.25 0.25" texuniform="true" '
-            'specular="0"/>'
-            for i in range(2)
-        )
-        xml = f"""
-<mujoco model="rooms_{self.seed}">
-  <statistic extent="40" center="0 0 1"/>
-  <visual>
-    <quality shadowsize="0" offsamples="0"/>
-    <map znear="0.004" zfar="3"/>
-    <headlight ambient="0.4 0.4 0.4" diffuse="0.4 0.4 0.4" specular="0 0 0"/>
-  </visual>
-  <asset>
-    <texture name="sky" type="skybox" builtin="gradient" rgb1="{_rgb(rng, 0.6, 1.0)}" rgb2="0.2 0.2 0.3"
-             width="64" height="64"/>
-    <texture name="floor" type="2d" builtin="checker" rgb1="{_rgb(rng)}" rgb2="{_rgb(rng)}" width="64"
-             height="64"/>
-    <material name="floor" texture="floor" texrepeat="0.25 0.25" texuniform="true" specular="0"/>
-    {wall_tex}
-  </asset>
-  <worldbody>
-    <light directional="true" pos="0 0 30" dir="0.3 0.2 -1" diffuse="0.5 0.5 0.5" castshadow="false"/>
-    <geom type="plane" size="{half + 1} {half + 1} 0.1" material="floor"/>
-    {"".join(geoms)}
-    <camera name="{CAMERA_NAME}" pos="0 0 {self.eye_height_m:.6f}"/>
-  </worldbody>
-</mujoco>
-"""
-        self._start_renderer(xml, {})
+        materials = [cube_material(f"wall{i}", f'builtin="{builtin[int(rng.integers(3))]}" rgb1="{_rgb(rng)}" '
+                                   f'rgb2="{_rgb(rng)}" width="64" height="64"', "0.25 0.25") for i in range(2)]
+        sky = f'builtin="gradient" rgb1="{_rgb(rng, 0.6, 1.0)}" rgb2="0.2 0.2 0.3" width="64" height="64"'
+        floor = f'builtin="checker" rgb1="{_rgb(rng)}" rgb2="{_rgb(rng)}" width="64" height="64"'
+        self._start_scene(ambient=0.4, diffuse=0.4, light=0.5, sky=sky, floor=floor, texrepeat="0.25 0.25",
+                          materials=materials, floor_half=half + 1, geoms=geoms, assets={})
