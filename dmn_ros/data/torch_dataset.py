@@ -9,6 +9,7 @@ never produce the same stream.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -65,22 +66,21 @@ def _worker_rng(seed: int) -> tuple[np.random.Generator, int, int]:
 
 
 class _EpisodeStream(IterableDataset):
-    """Shared knobs and batching; subclasses supply environments."""
+    """Shared knobs and batching; subclasses supply environments.
+
+    ``sampling`` takes the options of :func:`sample_episode_from_views` (``query_mode``, ``context_mode``,
+    ``near_radius_m``, ``near_yaw_deg``, ``far_fraction``, ``odom_noise``) with its defaults.
+    """
 
     def __init__(
         self,
         *,
-        num_contexts: NumContexts,
-        T: int,
-        batch_size: int | None,
-        query_mode: QueryMode | str,
-        context_mode: ContextMode | str,
-        near_radius_m: float,
-        near_yaw_deg: float = 180.0,
-        far_fraction: float,
-        odom_noise: tuple[float, float],
         seed: int,
         num_episodes: int | None,
+        num_contexts: NumContexts = 4,
+        T: int = 5,
+        batch_size: int | None = None,
+        **sampling: Any,
     ) -> None:
         super().__init__()
         self.num_contexts = num_contexts
@@ -89,11 +89,15 @@ class _EpisodeStream(IterableDataset):
         """Query steps per episode."""
         self.batch_size = batch_size
         """None: yield single episodes; else yield batches of this size."""
+        if "area_size_m" in sampling:
+            raise TypeError("area_size_m comes from the environments, not an argument")
+        opts = inspect.signature(sample_episode_from_views).bind(None, None, num_contexts=0, T=self.T, **sampling)
+        opts.apply_defaults()  # unknown options fail here, not later in a worker
         self.sample_kwargs: dict[str, Any] = {
-            "T": self.T, "query_mode": QueryMode(query_mode), "context_mode": ContextMode(context_mode),
-            "near_radius_m": near_radius_m, "near_yaw_deg": near_yaw_deg, "far_fraction": far_fraction,
-            "odom_noise": tuple(odom_noise),
-        }
+            k: v for k, v in opts.arguments.items() if k not in ("views", "rng", "num_contexts", "area_size_m")}
+        self.sample_kwargs.update(query_mode=QueryMode(self.sample_kwargs["query_mode"]),
+                                  context_mode=ContextMode(self.sample_kwargs["context_mode"]),
+                                  odom_noise=tuple(self.sample_kwargs["odom_noise"]))
         self.seed = int(seed)
         """Base seed; each worker derives its own stream from it."""
         self.num_episodes = num_episodes
@@ -128,30 +132,23 @@ class _EpisodeStream(IterableDataset):
 
 
 class EpisodeDataset(_EpisodeStream):
-    """Episodes sampled from a cached :class:`DatasetDir` split: a random environment per episode."""
+    """Episodes sampled from a cached :class:`DatasetDir` split: a random environment per episode.
+
+    ``episodes``: ``num_contexts`` (default 4), ``T`` (5), ``batch_size`` (None) and the sampling options of
+    :func:`sample_episode_from_views`, with its defaults.
+    """
 
     def __init__(
         self,
         root: str | os.PathLike[str],
         split: str,
         *,
-        num_contexts: NumContexts = 4,
-        T: int = 5,
-        batch_size: int | None = None,
-        query_mode: QueryMode | str = QueryMode.SEGMENT,
-        context_mode: ContextMode | str = ContextMode.RANDOM,
-        near_radius_m: float = 5.0,
-        near_yaw_deg: float = 180.0,
-        far_fraction: float = 0.0,
-        odom_noise: tuple[float, float] = (0.0, 0.0),
         seed: int = 0,
         num_episodes: int | None = None,
         cache_envs: int = 512,
+        **episodes: Any,
     ) -> None:
-        super().__init__(num_contexts=num_contexts, T=T, batch_size=batch_size, query_mode=query_mode,
-                         context_mode=context_mode, near_radius_m=near_radius_m, near_yaw_deg=near_yaw_deg,
-                         far_fraction=far_fraction,
-                         odom_noise=odom_noise, seed=seed, num_episodes=num_episodes)
+        super().__init__(seed=seed, num_episodes=num_episodes, **episodes)
         self.root = str(root)
         self.split = split
         ds = DatasetDir(root)
@@ -183,7 +180,8 @@ class OnTheFlyEpisodes(_EpisodeStream):
     """Episodes from freshly rendered worlds (no cache); same output as :class:`EpisodeDataset`.
 
     Each worker renders its own worlds (seeds ``env_seed(split, first_env_index + worker + k·workers)``)
-    and draws ``episodes_per_world`` episodes from each before moving on.
+    and draws ``episodes_per_world`` episodes from each before moving on. ``episodes``: as for
+    :class:`EpisodeDataset`.
     """
 
     def __init__(
@@ -198,21 +196,10 @@ class OnTheFlyEpisodes(_EpisodeStream):
         num_trajectories: int = 4,
         steps: int = 20,
         episodes_per_world: int = 8,
-        num_contexts: NumContexts = 4,
-        T: int = 5,
-        batch_size: int | None = None,
-        query_mode: QueryMode | str = QueryMode.SEGMENT,
-        context_mode: ContextMode | str = ContextMode.RANDOM,
-        near_radius_m: float = 5.0,
-        near_yaw_deg: float = 180.0,
-        far_fraction: float = 0.0,
-        odom_noise: tuple[float, float] = (0.0, 0.0),
         num_episodes: int | None = None,
+        **episodes: Any,
     ) -> None:
-        super().__init__(num_contexts=num_contexts, T=T, batch_size=batch_size, query_mode=query_mode,
-                         context_mode=context_mode, near_radius_m=near_radius_m, near_yaw_deg=near_yaw_deg,
-                         far_fraction=far_fraction,
-                         odom_noise=odom_noise, seed=seed, num_episodes=num_episodes)
+        super().__init__(seed=seed, num_episodes=num_episodes, **episodes)
         self.domain, self.split, self.first_env_index = domain, split, int(first_env_index)
         self.image_size, self.fov_deg = tuple(image_size), float(fov_deg)
         self.num_trajectories, self.steps = int(num_trajectories), int(steps)
