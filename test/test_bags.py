@@ -7,7 +7,6 @@ import os
 import shutil
 import threading
 
-os.environ["ROS_DOMAIN_ID"] = str(100 + (os.getpid() + 37) % 100)
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
 
