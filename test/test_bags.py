@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmn_ros.bags import BagReadError, MissingTopicError, TruncatedBagError, UnknownMessageTypeError
+from dmn_ros.bags import BagError, BagReadError, MissingTopicError, TruncatedBagError, UnknownMessageTypeError
 from dmn_ros.bags.evaluate import EvalOptions, Mode, evaluate_bag
 from dmn_ros.bags.evaluate import main as eval_main
 from dmn_ros.bags.reader import load_bag
@@ -274,3 +275,108 @@ def test_live_replay_matches_offline(bags, model, tmp_path):
     np.testing.assert_allclose(live["metrics"]["errors_m"], offline["metrics"]["errors_m"], atol=0.05)
     assert live["metrics"]["rmse_m"] == pytest.approx(offline["metrics"]["rmse_m"], abs=0.05)
     assert (tmp_path / "live" / "estimate.tum").is_file()
+
+
+# ---- kidnapping (dmn-bag-record --kidnap-at-step) and health metrics (docs/health.md) ----------------------------
+KIDNAP_AT = 6
+
+
+@pytest.fixture(scope="module")
+def kidnapped(tmp_path_factory):
+    """The mcap fixture's episode, teleported at frame 6 (1-based)."""
+    p = tmp_path_factory.mktemp("kidnap") / "kidnapped"
+    desc = record_bag(p, RecordConfig(steps=FRAMES, num_contexts=CONTEXTS, odom_noise_xy=0.05, odom_noise_yaw=0.01,
+                                      kidnap_at_step=KIDNAP_AT))
+    assert desc["kidnap_at_step"] == KIDNAP_AT and desc["kidnap_distance_m"] > 15.0
+    return p
+
+
+def test_kidnapped_bag_truth_jumps_odometry_still_and_stamp_recorded(bags, kidnapped):
+    from dmn_ros.bags.record import KIDNAP_AT_STEP_KEY, KIDNAP_STAMP_KEY
+
+    data = load_bag(kidnapped, need_contexts=True)
+    plain = load_bag(bags["mcap"], need_contexts=True)
+    k = KIDNAP_AT - 1  # 0-based first frame at the new pose
+    gt = data.ground_truth.poses
+    steps = np.hypot(*np.diff(gt[:, :2], axis=0).T)
+    assert steps[k - 1] > 15.0  # the truth jumps between frames 5 and 6...
+    assert np.all(np.delete(steps, k - 1) < 2.0)  # ...and drives smoothly (< 1.4 m per frame) elsewhere
+    # same world, contexts and drive as the plain bag up to the kidnapping (drawn after the contexts)
+    np.testing.assert_allclose(gt[:k], plain.ground_truth.poses[:k], atol=1e-9)
+    np.testing.assert_allclose([c[2] for c in data.contexts], [c[2] for c in plain.contexts], atol=1e-9)
+    # odometry: no motion from frame 5 to frame 6 (every message in between), motion on every other frame
+    o = data.odom
+    fs = data.frame_stamps
+    between = (o.stamps >= fs[k - 1]) & (o.stamps <= fs[k])
+    assert between.sum() == 3  # frame 5, the interpolated one, frame 6
+    np.testing.assert_array_equal(o.poses[between], np.repeat(o.poses[between][:1], 3, axis=0))
+    at_frames = np.stack([o.poses[np.argmin(np.abs(o.stamps - s))] for s in fs])
+    moved = np.hypot(*np.diff(at_frames[:, :2], axis=0).T)
+    assert moved[k - 1] == 0.0 and np.all(np.delete(moved, k - 1) > 0.3)
+    assert data.custom_data[KIDNAP_AT_STEP_KEY] == str(KIDNAP_AT)
+    assert float(data.custom_data[KIDNAP_STAMP_KEY]) == pytest.approx(fs[k], abs=1e-9)
+    with pytest.raises(BagError, match=r"kidnap_at_step must be in 2\.\.12"):
+        record_bag(kidnapped.parent / "bad", RecordConfig(steps=FRAMES, num_contexts=2, kidnap_at_step=1))
+
+
+def test_ground_truth_on_kidnapped_bag_recovers_at_once(kidnapped, tmp_path):
+    res = evaluate_bag(kidnapped, EvalOptions(estimate_topic="/ground_truth", progress=False), out_dir=tmp_path)
+    h = res["metrics"]["health"]
+    assert h["kidnap_step"] == KIDNAP_AT and h["kidnap_stamp_s"] == pytest.approx(1002.0 + (KIDNAP_AT - 1) * 0.5)
+    assert h["recovered"] is True and h["time_to_recover_steps"] == 0 and h["time_to_recover_s"] == 0.0
+    # a scored topic has no filter flags or covariance: documented as None
+    assert h["converged_at_step"] is None and h["coverage_95"] is None and h["lost"] is None
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metrics"]["health"]["time_to_recover_steps"] == 0
+
+
+def test_health_summary_hand_checked():
+    from dmn_ros.bags.evaluate import StepTrace, health_summary
+    from dmn_ros.bags.reader import PoseStream
+
+    stamps = 10.0 + 0.5 * np.arange(9)
+    gt = PoseStream(stamps.copy(), np.zeros((9, 3)))
+    err = np.array([0.0, 0.0, 1.0, 20.0, 20.0, 0.5, 0.0, 0.0, 3.0])
+    poses = np.stack([err, np.zeros(9), np.zeros(9)], axis=1)
+    tr = StepTrace(covariances=[np.eye(3)] * 9, converged=[False, False] + [True] * 7,
+                   lost=[False, False, False, True, True, False, False, False, False],
+                   likelihood_ratio=[1.0] * 9, recovery=[""] * 9)
+    h = health_summary(stamps, poses, gt, tr, area_size_m=40.0, kidnap_stamp=float(stamps[3]), global_start=True,
+                       recover_hold=3)
+    assert h["kidnap_step"] == 4 and h["time_to_recover_steps"] == 2 and h["time_to_recover_s"] == 1.0
+    assert h["converged_at_step"] == 3 and h["time_to_converge_s"] == 1.0
+    # NEES = e² with Σ = I; steps 0, 1 (warm-up) and 3, 4 (kidnapped) left out: [1, .25, 0, 0, 9]
+    assert h["coverage_steps"] == 5 and h["coverage_95"] == pytest.approx(0.8)
+    assert h["mean_nees"] == pytest.approx((1 + 0.25 + 9) / 5)
+    assert h["lost_updates"] == 2 and h["lost_before_kidnap"] == 0
+    never = health_summary(stamps, poses, gt, tr, area_size_m=40.0, kidnap_stamp=float(stamps[3]),
+                           global_start=False, recover_hold=5)
+    assert never["recovered"] is False and never["time_to_recover_steps"] is None
+    assert never["converged_at_step"] is None  # tracking: no time to converge
+    assert never["coverage_steps"] == 1  # only step 2 before the kidnapping; the rest never recovered
+
+
+def test_filter_run_health_keys_and_recovery_options(kidnapped, model, tmp_path, capsys):
+    rc = eval_main([str(kidnapped), "--model", str(model.path), "-k", str(K), "--seed", "3", "--out",
+                    str(tmp_path / "on"), "--no-plots", "--no-progress", "--lost-updates-before-global", "1",
+                    "--recovery-alpha-slow", "0.001", "--recovery-alpha-fast", "0.1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "recov" in out and "cov95" in out
+    s = json.loads((tmp_path / "on" / "summary.json").read_text())
+    assert s["options"]["lost_updates_before_global"] == 1 and s["options"]["recovery_alpha_fast"] == 0.1
+    h = s["metrics"]["health"]
+    n = s["frames_processed"]
+    first_after = next(i for i, f in enumerate(s["frame_indices"]) if f >= KIDNAP_AT - 1)
+    assert h["kidnap_step"] == first_after + 1
+    assert 0.0 <= h["coverage_95"] <= 1.0 and math.isfinite(h["mean_nees"]) and h["mean_nees"] > 0
+    assert h["coverage_steps"] > 0
+    assert len(h["converged"]) == len(h["lost"]) == len(h["likelihood_ratio"]) == len(h["recovery"]) == n
+    assert h["converged_at_step"] is None or 1 <= h["converged_at_step"] <= n
+    assert h["time_to_recover_steps"] is None or h["time_to_recover_steps"] >= 0
+    assert set(h["recoveries"]) == {"injections", "injected_particles", "global"}
+    assert h["lost_updates"] == sum(h["lost"])
+    # recovery off (the default) never acts
+    off = evaluate_bag(kidnapped, EvalOptions(particles=K, seed=3, progress=False, plots=False), model=model)
+    assert off["metrics"]["health"]["recoveries"] == {"injections": 0, "injected_particles": 0, "global": 0}
+    assert all(r == "" for r in off["metrics"]["health"]["recovery"])

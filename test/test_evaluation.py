@@ -19,7 +19,9 @@ from dmn_ros.evaluation import (
     success_threshold_m,
     uninformed_errors,
 )
+from dmn_ros.evaluation.cli import health_metrics
 from dmn_ros.evaluation.cli import main as eval_main
+from dmn_ros.evaluation.health_metrics import Runs, collect_runs
 from dmn_ros.export import export_model, load_model
 from dmn_ros.model import DMN
 
@@ -65,5 +67,44 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
     summary = json.loads((out / "results.json").read_text())
     assert len(summary["global_success"]) == 5 and summary["fingerprints"] == [load_model(m).info.fingerprint]
     assert set(summary["success_t5_vs_Nc"]) == {"1", "2"}
-    assert "| DMN |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| DMN |" in md
+    # health metrics of the same runs (docs/health.md): keys present, values finite or None as documented
+    h = summary["health"]
+    for mode in ("global", "tracking"):
+        m = h[mode]
+        assert m["coverage_95"] is None or 0.0 <= m["coverage_95"] <= 1.0
+        assert m["mean_nees"] is None or (math.isfinite(m["mean_nees"]) and m["mean_nees"] >= 0)
+        assert 0.0 <= m["false_lost_rate"] <= 1.0 and m["coverage_from_step"] == 3
+        assert m["covariance_inflation"] == [1.0]
+    assert 0.0 <= h["global"]["converged_share"] <= 1.0 and len(h["global"]["converged_at_step"]) == 2
+    assert "converged_share" not in h["tracking"]
+    assert "| mode | 95 % coverage | mean NEES |" in md and "| global (K = 32, T = 5) |" in md
     assert (out / "success_vs_t.png").stat().st_size > 1000 and (out / "success_vs_Nc.png").is_file()
+
+
+def test_collect_runs_reproduces_run_filter(tiny_dataset: Path) -> None:
+    """dmn-eval's health metrics come from the same filter run: collect_runs' errors are run_filter's."""
+    eps = make_episode_set(str(tiny_dataset), num_episodes=3, num_contexts=4, T=3, seed=0)
+    model = DMN().eval()
+    for mode in ("global", "tracking"):
+        s = EvalSettings(mode=mode, num_particles=32, T=3, num_contexts=4, batch_episodes=2, seed=1)
+        runs = collect_runs(model, eps, s)
+        np.testing.assert_array_equal(runs.errors_m, run_filter(model, eps, s))
+        assert runs.covariance.shape == (3, 3, 3, 3) and runs.converged.shape == (3, 3)
+
+
+def test_health_metrics_hand_checked() -> None:
+    """Two episodes, T = 4, Σ = I: NEES = e² from step index 2 on."""
+    e = np.array([[30.0, 20.0, 1.0, 3.0], [30.0, 0.5, 0.0, 2.0]])  # x-error per step, y-error 0
+    mean = np.stack([e, np.zeros_like(e), np.zeros_like(e)], axis=-1)
+    runs = Runs(mean=mean, covariance=np.broadcast_to(np.eye(3), (2, 4, 3, 3)).copy(), truth=np.zeros((2, 4, 3)),
+                converged=np.array([[False, False, True, True], [False, True, True, True]]),
+                lost=np.array([[False, False, False, False], [False, False, True, False]]),
+                log_likelihood=np.zeros((2, 4)))
+    m = health_metrics([runs], threshold_m=8.94, inflations=[4.0], global_start=True)
+    # NEES raw [1, 9, 0, 4] → 3 of 4 inside 5.991; with Σ×4: [.25, 2.25, 0, 1], all inside
+    assert m["coverage_95_raw"] == pytest.approx(0.75) and m["mean_nees_raw"] == pytest.approx(14 / 4)
+    assert m["coverage_95"] == pytest.approx(1.0) and m["mean_nees"] == pytest.approx(3.5 / 4)
+    assert m["converged_at_step"] == [3, 2] and m["converged_share"] == 1.0 and m["converged_at_step_mean"] == 2.5
+    assert m["false_lost_rate"] == 0.5

@@ -7,7 +7,14 @@ import itertools
 import numpy as np
 import pytest
 
-from dmn_ros.worlds import MazeWorld, RoomsWorld, make_world, random_order_poses, smooth_trajectory
+from dmn_ros.worlds import (
+    MazeWorld,
+    RoomsWorld,
+    kidnapped_trajectory,
+    make_world,
+    random_order_poses,
+    smooth_trajectory,
+)
 from dmn_ros.worlds.renderer import CAMERA_NAME, FirstPersonRenderer
 
 
@@ -115,3 +122,15 @@ def test_camera_follows_rep103_yaw() -> None:
 def test_unknown_domain() -> None:
     with pytest.raises(ValueError, match="unknown domain"):
         make_world("street", seed=0)
+
+
+def test_kidnapped_trajectory_starts_far_away_in_free_space():
+    """The teleport rule sim_node and dmn-bag-record share: a free start > 15 m from the robot, then a free drive."""
+    with make_world("maze", seed=5, image_size=(16, 16)) as w:
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            here = w.sample_free_poses(1, rng)[0]
+            traj = kidnapped_trajectory(w, rng, here, steps=4)
+            assert traj.shape == (4, 3) and float(np.hypot(*(traj[0, :2] - here[:2]))) > 15.0
+            assert w.is_free(traj[:, :2]).all()
+        assert kidnapped_trajectory(w, rng, None, steps=2).shape == (2, 3)  # no current pose: any free pose

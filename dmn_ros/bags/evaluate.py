@@ -11,6 +11,12 @@ Metrics (one bag = one trajectory; ``t`` = processed step, 1-based as in the pap
 x-y error ``e_t = |est_xy(t) - gt_xy(t)|`` with ground truth interpolated at the
 estimate's stamp; RMSE over time ``sqrt(mean_bags e_t²)``; success at step t =
 share of bags with ``e_t < 8.94 m · area/40``; time to first success; per-step latency.
+
+Health (``metrics["health"]``, docs/health.md): time to converge from a uniform start (global mode),
+time to recover after a kidnapping (bags from ``dmn-bag-record --kidnap-at-step``, or ``--kidnap-stamp``),
+95 % ellipse coverage and mean NEES of the published covariance, and the per-step converged / lost
+flags. Recovery (``--lost-updates-before-global``, ``--recovery-alpha-slow/-fast``) can be switched on
+to compare.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import numpy as np
 
 from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.reader import BagData, PoseStream, find_bags, load_bag
+from dmn_ros.bags.record import KIDNAP_STAMP_KEY
 from dmn_ros.bags.topics import TopicNames
+from dmn_ros.evaluation.health_metrics import COVERAGE_FROM_INDEX, ellipse_coverage, time_to_recover
 from dmn_ros.evaluation.protocol import rmse, success_rate, success_threshold_m
 from dmn_ros.ros.transforms import OdometryBuffer, interpolate_pose
 
@@ -40,6 +48,7 @@ __all__ = [
     "StepTrace",
     "evaluate_bag",
     "evaluate_paths",
+    "health_summary",
     "main",
     "replay",
     "score",
@@ -107,6 +116,15 @@ class EvalOptions:
     device: str = "cpu"
     plots: bool = True
     progress: bool = True
+    lost_updates_before_global: int = 0
+    """The Localizer's global restart after this many lost updates (0: off, the node's default)."""
+    recovery_alpha_slow: float = 0.0
+    """AMCL-style injection (with ``recovery_alpha_fast``; both > 0 to switch it on)."""
+    recovery_alpha_fast: float = 0.0
+    kidnap_stamp: float | None = None
+    """Stamp (s) of the first frame after a kidnapping (None: the bag's ``dmn_ros.kidnap_stamp`` custom data)."""
+    recover_hold: int = 3
+    """Recovered = the error stays under the success threshold for this many consecutive steps."""
 
 
 @dataclass
@@ -118,6 +136,14 @@ class StepTrace:
     latency_ms: list[float] = field(default_factory=list)
     spread_m: list[float] = field(default_factory=list)
     frame_index: list[int] = field(default_factory=list)
+    covariances: list[np.ndarray] = field(default_factory=list)
+    """Published ``(3, 3)`` covariances (with the Localizer's inflation), one per step; empty when scored."""
+    converged: list[bool] = field(default_factory=list)
+    lost: list[bool] = field(default_factory=list)
+    likelihood_ratio: list[float] = field(default_factory=list)
+    recovery: list[str] = field(default_factory=list)
+    recoveries: dict[str, int] | None = None
+    """The Localizer's recovery counters at the end of the run."""
     skipped: dict[str, int] = field(default_factory=lambda: {"small_motion": 0, "no_odom": 0, "bad_image": 0})
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +209,103 @@ def score(
     }
 
 
+def _finite(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def health_summary(
+    stamps: np.ndarray,
+    poses: np.ndarray,
+    gt: PoseStream,
+    trace: StepTrace,
+    *,
+    area_size_m: float,
+    kidnap_stamp: float | None,
+    global_start: bool,
+    recover_hold: int = 3,
+) -> dict[str, Any]:
+    """Time to converge / recover, ellipse coverage and NEES of one run (docs/health.md, "dmn-bag-eval").
+
+    Keys that need the filter's flags or covariance (converged, lost, coverage) are None for a scored
+    pose topic; ``time_to_recover_*`` only needs the errors. Coverage covers processed steps from index
+    ``COVERAGE_FROM_INDEX`` on with truth, leaving out the kidnapped stretch (kidnap step until recovered,
+    or the rest of the run): it measures calibration while localized, not the kidnapping itself.
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 3)
+    truth = truth_at(gt, stamps)
+    err = np.hypot(poses[:, 0] - truth[:, 0], poses[:, 1] - truth[:, 1])
+    thr = success_threshold_m(area_size_m)
+    n = len(stamps)
+    has_flags = len(trace.converged) == n and n > 0
+    t0 = float(stamps[0]) if n else 0.0
+    k = None  # 0-based step of the first processed frame at or after the kidnapping
+    if kidnap_stamp is not None:
+        after = np.flatnonzero(stamps >= kidnap_stamp - 1e-6)
+        k = int(after[0]) if after.size else None
+    ttr = None if k is None else time_to_recover(err, kidnap_step=k, threshold_m=thr, hold=recover_hold)
+    conv_idx = None
+    if has_flags and global_start:
+        ok = np.asarray(trace.converged[: n if k is None else k], dtype=bool) & (err[: n if k is None else k] < thr)
+        hits = np.flatnonzero(ok)
+        conv_idx = int(hits[0]) if hits.size else None
+    coverage = nees_mean = None
+    used = 0
+    if len(trace.covariances) == n and n > 0:
+        keep = np.isfinite(truth).all(axis=1)
+        keep[:COVERAGE_FROM_INDEX] = False
+        if k is not None:
+            keep[k : n if ttr is None else k + ttr] = False
+        used = int(keep.sum())
+        cov = np.asarray(trace.covariances, dtype=np.float64)[keep][:, :2, :2]
+        c, m = ellipse_coverage(poses[keep, :2] - truth[keep, :2], cov)
+        coverage, nees_mean = _finite(c), _finite(m)
+    lost = np.asarray(trace.lost, dtype=bool) if has_flags else None
+    return {
+        "kidnap_stamp_s": kidnap_stamp,
+        "kidnap_step": None if k is None else k + 1,
+        "recovered": None if k is None else ttr is not None,
+        "time_to_recover_steps": ttr,
+        "time_to_recover_s": None if ttr is None or k is None else float(stamps[k + ttr] - kidnap_stamp),
+        "recover_hold": recover_hold,
+        "converged_at_step": None if conv_idx is None else conv_idx + 1,
+        "time_to_converge_s": None if conv_idx is None else float(stamps[conv_idx] - t0),
+        "coverage_95": coverage,
+        "mean_nees": nees_mean,
+        "coverage_steps": used,
+        "lost_updates": None if lost is None else int(lost.sum()),
+        "lost_before_kidnap": None if lost is None else int(lost[: n if k is None else k].sum()),
+        "recoveries": trace.recoveries,
+        "converged": [bool(v) for v in trace.converged] if has_flags else None,
+        "lost": [bool(v) for v in trace.lost] if has_flags else None,
+        "likelihood_ratio": [_finite(v) for v in trace.likelihood_ratio] if has_flags else None,
+        "recovery": list(trace.recovery) if has_flags else None,
+    }
+
+
+def _mean(values: list[Any]) -> float | None:
+    v = [float(x) for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def aggregate_health(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across bags: mean coverage / NEES, how many converged and recovered, and their mean times."""
+    hs = [r["metrics"]["health"] for r in ok if r["metrics"].get("health")]
+    conv_runs = [h for h in hs if h["converged"] is not None]
+    kid = [h for h in hs if h["kidnap_step"] is not None]
+    return {
+        "coverage_95_mean": _mean([h["coverage_95"] for h in hs]),
+        "mean_nees_mean": _mean([h["mean_nees"] for h in hs]),
+        "runs_with_flags": len(conv_runs),
+        "converged_runs": sum(h["converged_at_step"] is not None for h in conv_runs),
+        "converged_at_step_mean": _mean([h["converged_at_step"] for h in conv_runs]),
+        "kidnapped_bags": len(kid),
+        "recovered_bags": sum(bool(h["recovered"]) for h in kid),
+        "time_to_recover_steps_mean": _mean([h["time_to_recover_steps"] for h in kid]),
+        "lost_rate_before_kidnap": _mean([float(h["lost_before_kidnap"] > 0) for h in conv_runs]),
+    }
+
+
 def aggregate(results: list[dict[str, Any]], success_steps: tuple[int, ...]) -> dict[str, Any]:
     """Across bags: RMSE over time ``sqrt(mean_bags e_t²)`` and success rates at the given steps."""
     ok = [r for r in results if r.get("metrics")]
@@ -206,6 +329,8 @@ def aggregate(results: list[dict[str, Any]], success_steps: tuple[int, ...]) -> 
     lat = [r["metrics"]["latency_ms"]["mean"] for r in ok if r["metrics"].get("latency_ms")]
     if lat:
         out["latency_ms_mean"] = float(np.mean(lat))
+    if any(r["metrics"].get("health") for r in ok):
+        out["health"] = aggregate_health(ok)
     return out
 
 
@@ -253,7 +378,9 @@ def make_localizer(model: Any, view_map: Any, data: BagData, opts: EvalOptions) 
     k = opts.particles
     cfg = LocalizerConfig(
         max_particles=int(k or 2048), tracking_particles=int(k or 256), motion_noise_xy_m=opts.motion_noise_xy,
-        motion_noise_yaw_rad=opts.motion_noise_yaw, resample_threshold=opts.resample_threshold, device=opts.device)
+        motion_noise_yaw_rad=opts.motion_noise_yaw, resample_threshold=opts.resample_threshold, device=opts.device,
+        lost_updates_before_global=opts.lost_updates_before_global, recovery_alpha_slow=opts.recovery_alpha_slow,
+        recovery_alpha_fast=opts.recovery_alpha_fast)
     loc = Localizer(model, config=cfg, seed=opts.seed)
     loc.set_map(view_map)
     if opts.mode == Mode.GLOBAL:
@@ -319,7 +446,14 @@ def replay(data: BagData, localizer: Any, opts: EvalOptions) -> StepTrace:
         trace.latency_ms.append(est.latency_ms)
         trace.spread_m.append(est.spread)
         trace.frame_index.append(i)
+        trace.covariances.append(np.asarray(est.covariance, dtype=np.float64))
+        h = est.health
+        trace.converged.append(bool(h.converged) if h is not None else False)
+        trace.lost.append(bool(h.lost) if h is not None else False)
+        trace.likelihood_ratio.append(float(h.likelihood_ratio) if h is not None else math.nan)
+        trace.recovery.append(est.recovery)
     bar.close()
+    trace.recoveries = dict(getattr(localizer, "recoveries", {}) or {})
     return trace
 
 
@@ -358,6 +492,9 @@ def evaluate_bag(bag: str | Path, opts: EvalOptions, *, out_dir: str | Path | No
     assert data.ground_truth is not None
     metrics = score(stamps, poses, data.ground_truth, area_size_m=_area(data, opts),
                     success_steps=opts.success_steps, latency_ms=trace.latency_ms)
+    metrics["health"] = health_summary(
+        stamps, poses, data.ground_truth, trace, area_size_m=_area(data, opts), kidnap_stamp=kidnap_stamp(data, opts),
+        global_start=not scoring_only and opts.mode == Mode.GLOBAL, recover_hold=opts.recover_hold)
     result: dict[str, Any] = {
         "bag": str(bag),
         "partial": data.truncated is not None,
@@ -374,6 +511,17 @@ def evaluate_bag(bag: str | Path, opts: EvalOptions, *, out_dir: str | Path | No
         write_outputs(Path(out_dir), stamps=stamps, poses=poses, gt=data.ground_truth, contexts=contexts,
                       result=result, opts=opts)
     return result
+
+
+def kidnap_stamp(data: BagData, opts: EvalOptions) -> float | None:
+    """``--kidnap-stamp`` if given, else the bag's ``dmn_ros.kidnap_stamp`` custom data (dmn-bag-record)."""
+    if opts.kidnap_stamp is not None:
+        return float(opts.kidnap_stamp)
+    v = data.custom_data.get(KIDNAP_STAMP_KEY)
+    try:
+        return float(v) if v else None
+    except ValueError:
+        return None
 
 
 def options_json(opts: EvalOptions) -> dict[str, Any]:
@@ -455,13 +603,15 @@ def format_table(summary: dict[str, Any]) -> str:
     """One row per bag plus the aggregate, for the terminal."""
     steps = summary["options"]["success_steps"]
     head = f"{'bag':<34} {'steps':>5} {'RMSE m':>7} {'final m':>7} " + " ".join(
-        f"{'ok@' + str(s):>5}" for s in steps) + f" {'t1st s':>6} {'lat ms':>7}  note"
+        f"{'ok@' + str(s):>5}" for s in steps) + f" {'t1st s':>6} {'lat ms':>7} {'conv@':>5} {'recov':>5} " \
+        f"{'cov95':>5} {'NEES':>7}  note"
     rows = [head, "-" * len(head)]
     for r in summary["bags"]:
         name = Path(r["bag"]).name[:34]
         if "error" in r:
             rows.append(f"{name:<34} {'-':>5} {'-':>7} {'-':>7} " + " ".join(f"{'-':>5}" for _ in steps)
-                        + f" {'-':>6} {'-':>7}  {r['error']}: {r['message'][:120]}")
+                        + f" {'-':>6} {'-':>7} {'-':>5} {'-':>5} {'-':>5} {'-':>7}  {r['error']}: "
+                          f"{r['message'][:120]}")
             continue
         m = r["metrics"]
 
@@ -472,14 +622,30 @@ def format_table(summary: dict[str, Any]) -> str:
         ok = " ".join(f"{'-' if v is None else ('yes' if v else 'no'):>5}" for v in flags)
         lat = m["latency_ms"]["mean"] if m.get("latency_ms") else None
         note = "partial (truncated)" if r.get("partial") else ""
+        h = m.get("health") or {}
+        recov = "-" if h.get("kidnap_step") is None else (
+            "never" if h.get("time_to_recover_steps") is None else str(h["time_to_recover_steps"]))
         rows.append(f"{name:<34} {m['steps']:>5} {f(m['rmse_m']):>7} {f(m['final_error_m']):>7} {ok} "
-                    f"{f(m['time_to_first_success_s'], '.1f'):>6} {f(lat, '.1f'):>7}  {note}")
+                    f"{f(m['time_to_first_success_s'], '.1f'):>6} {f(lat, '.1f'):>7} "
+                    f"{f(h.get('converged_at_step'), 'd'):>5} {recov:>5} {f(h.get('coverage_95')):>5} "
+                    f"{f(h.get('mean_nees'), '.3g'):>7}  {note}")
     a = summary["aggregate"]
     if a.get("bags_scored"):
         rates = ", ".join(f"t={s}: {v:.0%}" for s, v in a["success_rate"].items())
         rows.append("-" * len(head))
         rows.append(f"{a['bags_scored']}/{a['bags']} bags scored; RMSE all steps {a['rmse_all_steps_m']:.2f} m; "
                     f"success ({rates}) with error < {a['success_threshold_m']:.2f} m")
+        h = a.get("health")
+        if h:
+            def g(v: Any, fmt: str = ".2f") -> str:
+                return "-" if v is None else format(v, fmt)
+
+            rows.append(f"health: converged {h['converged_runs']}/{h['runs_with_flags']} runs (mean step "
+                        f"{g(h['converged_at_step_mean'], '.1f')}); recovered {h['recovered_bags']}/"
+                        f"{h['kidnapped_bags']} kidnapped bags (mean {g(h['time_to_recover_steps_mean'], '.1f')} "
+                        f"steps); 95% coverage {g(h['coverage_95_mean'])}, mean NEES {g(h['mean_nees_mean'], '.3g')}")
+    rows.append("conv@ = step converged and right (global); recov = steps from the kidnapping until right; "
+                f"cov95/NEES over steps >= {COVERAGE_FROM_INDEX + 1} (docs/health.md)")
     return "\n".join(rows)
 
 
@@ -502,6 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--estimate-topic", default=None,
                     help="score this recorded pose topic instead of running the filter")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lost-updates-before-global", type=int, default=0,
+                    help="restart global localization after this many lost updates (0: off, the node's default)")
+    ap.add_argument("--recovery-alpha-slow", type=float, default=0.0, help="AMCL injection (0: off; e.g. 0.001)")
+    ap.add_argument("--recovery-alpha-fast", type=float, default=0.0, help="AMCL injection (0: off; e.g. 0.1)")
+    ap.add_argument("--kidnap-stamp", type=float, default=None,
+                    help="stamp (s) of the first frame after a kidnapping (default: the bag's dmn_ros.kidnap_stamp)")
+    ap.add_argument("--recover-hold", type=int, default=3,
+                    help="recovered = error under the success threshold for this many consecutive steps")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     for f in ("camera", "odom", "ground_truth", "context_image", "context_pose"):
@@ -526,6 +700,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         success_steps=tuple(int(s) for s in args.success_steps.split(",") if s.strip()),
         area_size_m=args.area_size, estimate_topic=args.estimate_topic, max_frames=args.max_frames,
         device=args.device, plots=not args.no_plots, progress=not args.no_progress,
+        lost_updates_before_global=args.lost_updates_before_global, recovery_alpha_slow=args.recovery_alpha_slow,
+        recovery_alpha_fast=args.recovery_alpha_fast, kidnap_stamp=args.kidnap_stamp, recover_hold=args.recover_hold,
     )
 
 

@@ -6,6 +6,11 @@ A bag holds what a robot would record: camera frames, (optionally noisy) odometr
 Contexts come first (stamped before the drive), so a player can build the map before
 the first query frame. These bags are the bag tools' test fixtures and the quickest way
 to try them.
+
+With ``kidnap_at_step = N`` the robot is teleported at frame N to a random free pose more than
+``kidnap_min_distance_m`` away (the rule of ``sim_node``'s ``kidnap_at_step``): the ground truth jumps,
+the odometry reports no motion for that frame. The bag's ``metadata.yaml`` ``custom_data`` records it
+(``dmn_ros.kidnap_at_step``, ``dmn_ros.kidnap_stamp``) for ``dmn-bag-eval``'s time to recover.
 """
 
 from __future__ import annotations
@@ -24,10 +29,15 @@ from dmn_ros.bags.topics import TopicNames
 from dmn_ros.geometry import compose, relative, wrap_angle, yaw_to_quaternion
 from dmn_ros.images import encode_raw
 
-__all__ = ["RecordConfig", "Storage", "main", "record_bag", "typestore"]
+__all__ = ["KIDNAP_AT_STEP_KEY", "KIDNAP_STAMP_KEY", "RecordConfig", "Storage", "main", "record_bag", "typestore"]
 
 TEST_SEED = 20_000_000
 """First test-split world seed (unseen in training)."""
+KIDNAP_STAMP_KEY = "dmn_ros.kidnap_stamp"
+"""``custom_data`` key: header stamp (s) of the first camera frame after the teleport. A stamp, not a frame
+index, so it stays right when frames are skipped or a cut bag loses some."""
+KIDNAP_AT_STEP_KEY = "dmn_ros.kidnap_at_step"
+"""``custom_data`` key: the kidnapped frame, 1-based (informational; evaluation uses the stamp)."""
 
 
 class Storage(enum.Enum):
@@ -76,6 +86,10 @@ class RecordConfig:
     seed: int | None = None
     """Trajectory/noise RNG seed (default: the world seed)."""
     storage: Storage = Storage.MCAP
+    kidnap_at_step: int = 0
+    """Teleport the robot at this frame (1-based, ≥ 2); 0: never."""
+    kidnap_min_distance_m: float = 15.0
+    """Least x-y distance of the teleport (:data:`dmn_ros.worlds.KIDNAP_MIN_DISTANCE_M`)."""
 
 
 def _qos(*, depth: int, reliable: bool, transient_local: bool = False) -> Any:
@@ -176,12 +190,15 @@ def record_bag(path: str | Path, config: RecordConfig | None = None, *,
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from dmn_ros.worlds import make_world, smooth_trajectory
+    from dmn_ros.worlds import kidnapped_trajectory, make_world, smooth_trajectory
 
     path = Path(path)
     if path.exists():
         raise BagError(f"{path}: already exists; choose a new bag directory", path=path)
     c = config or RecordConfig()
+    kidnap = c.kidnap_at_step - 1 if c.kidnap_at_step else None  # 0-based index of the first frame at the new pose
+    if kidnap is not None and not 1 <= kidnap < c.steps:
+        raise BagError(f"kidnap_at_step must be in 2..{c.steps} (a frame after the first), got {c.kidnap_at_step}")
     topics = (topics or TopicNames()).normalized()
     rng = np.random.default_rng(c.world_seed if c.seed is None else c.seed)
     with make_world(c.domain, seed=c.world_seed, image_size=(c.image_size, c.image_size)) as world:
@@ -193,6 +210,9 @@ def record_bag(path: str | Path, config: RecordConfig | None = None, *,
             ctx_poses = world.sample_free_poses(c.num_contexts, rng)
         else:
             raise BagError(f"contexts_from must be free_space or trajectory, got {c.contexts_from!r}")
+        if kidnap is not None:  # drawn after the contexts: the same world and contexts as without the kidnapping
+            truth[kidnap:] = kidnapped_trajectory(world, rng, truth[kidnap - 1], steps=c.steps - kidnap,
+                                                  min_distance_m=c.kidnap_min_distance_m)
         ctx_images = world.render(ctx_poses) if c.num_contexts else np.zeros((0, c.image_size, c.image_size, 3))
         images = world.render(truth)
         area, bounds = float(world.area_size_m), tuple(float(b) for b in world.bounds)
@@ -200,6 +220,9 @@ def record_bag(path: str | Path, config: RecordConfig | None = None, *,
     # Odometry: starts at the origin, integrates (noisy) egomotion (SPEC: Δ_t = relative(s_{t-1}, s_t)).
     odom = np.zeros((c.steps, 3))
     for k in range(1, c.steps):
+        if k == kidnap:  # a kidnapped robot's odometry feels nothing
+            odom[k] = odom[k - 1]
+            continue
         d = relative(truth[k - 1], truth[k])
         d[:2] += rng.normal(0.0, c.odom_noise_xy, size=2) if c.odom_noise_xy > 0 else 0.0
         d[2] = wrap_angle(d[2] + (rng.normal(0.0, c.odom_noise_yaw) if c.odom_noise_yaw > 0 else 0.0))
@@ -234,6 +257,9 @@ def record_bag(path: str | Path, config: RecordConfig | None = None, *,
             w.set_custom_data("dmn_ros.world", f"{c.domain}_{c.world_seed:08d}")
             w.set_custom_data("dmn_ros.area_size_m", repr(area))
             w.set_custom_data("dmn_ros.bounds", ",".join(repr(b) for b in bounds))
+            if kidnap is not None:
+                w.set_custom_data(KIDNAP_AT_STEP_KEY, str(c.kidnap_at_step))
+                w.set_custom_data(KIDNAP_STAMP_KEY, repr(t_drive + kidnap * dt))
 
             def put(key: str, msg: Any, msgtype: str, stamp: float) -> None:
                 w.write(conn[key], round(stamp * 1e9), ts.serialize_cdr(msg, msgtype))
@@ -272,6 +298,9 @@ def record_bag(path: str | Path, config: RecordConfig | None = None, *,
         "path": str(path), "world": f"{c.domain}_{c.world_seed:08d}", "frames": c.steps,
         "contexts": c.num_contexts, "area_size_m": area, "storage": c.storage.value,
         "image_type": img_type, "duration_s": (c.steps - 1) * dt,
+        "kidnap_at_step": c.kidnap_at_step or None,
+        "kidnap_stamp": None if kidnap is None else t_drive + kidnap * dt,
+        "kidnap_distance_m": None if kidnap is None else float(np.hypot(*(truth[kidnap, :2] - truth[kidnap - 1, :2]))),
     }
 
 
@@ -291,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--odom-noise-xy", type=float, default=0.0, help="odometry noise σ per step, meters")
     ap.add_argument("--odom-noise-yaw", type=float, default=0.0, help="odometry noise σ per step, radians")
     ap.add_argument("--seed", type=int, default=None, help="trajectory/noise seed (default: world seed)")
+    ap.add_argument("--kidnap-at-step", type=int, default=0,
+                    help="teleport the robot at this frame (1-based, >= 2) to a random free pose, odometry unaware; "
+                         "0: never")
+    ap.add_argument("--kidnap-min-distance", type=float, default=15.0, help="least teleport distance, meters")
     return ap
 
 
@@ -303,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
             num_contexts=args.contexts, contexts_from=args.contexts_from, image_size=args.image_size,
             compressed=args.compressed, odom_noise_xy=args.odom_noise_xy, odom_noise_yaw=args.odom_noise_yaw,
             seed=None if args.seed is None else args.seed + e, storage=Storage(args.storage),
+            kidnap_at_step=args.kidnap_at_step, kidnap_min_distance_m=args.kidnap_min_distance,
         )
         target = out if args.episodes == 1 else out / f"{args.domain}_{cfg.world_seed:08d}"
         desc = record_bag(target, cfg)
+        kid = (f", kidnapped at frame {desc['kidnap_at_step']} ({desc['kidnap_distance_m']:.1f} m)"
+               if desc["kidnap_at_step"] else "")
         print(f"wrote {desc['path']}: {desc['frames']} frames, {desc['contexts']} contexts, "
-              f"{desc['storage']}, world {desc['world']}")
+              f"{desc['storage']}, world {desc['world']}{kid}")
     return 0
 
 

@@ -1,4 +1,10 @@
-"""``dmn-eval``: the paper's protocol on a fixed test set; writes a markdown table, JSON and PNG curves."""
+"""``dmn-eval``: the paper's protocol on a fixed test set; writes a markdown table, JSON and PNG curves.
+
+With ``--health`` (the default) the same global and tracking filter runs also keep covariance and the
+converged / lost flags (:func:`~dmn_ros.evaluation.health_metrics.collect_runs`, bit-identical errors to
+``run_filter``), and the results add 95 % ellipse coverage, mean NEES, time to converge and the
+false-``lost`` rate (docs/health.md).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmn_ros.evaluation.health_metrics import COVERAGE_FROM_INDEX, Runs, collect_runs, time_to_converge
 from dmn_ros.evaluation.protocol import (
     EpisodeSet,
     EvalSettings,
@@ -25,7 +32,7 @@ from dmn_ros.evaluation.protocol import (
 )
 from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
 from dmn_ros.geometry import MetricScale
-from dmn_ros.localizer import model_likelihood_scale
+from dmn_ros.localizer import model_covariance_inflation, model_likelihood_scale
 from dmn_ros.model import model_kind
 
 METHOD_LABELS = {"dmn": "DMN", "latent_image": "PF + latent image map", "latent_vector": "PF + latent vector map",
@@ -53,6 +60,50 @@ def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: st
     return run_filter(model.module, _in_model_scale(eps, model), settings, device=device)
 
 
+def _run_with_health(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings,
+                     device: str) -> tuple[np.ndarray, Runs | None]:
+    """:func:`_run`'s errors plus the health outputs of the very same filter run (None for regression)."""
+    if model_kind(model.info.config) == "regression":
+        return _run(model, eps, settings, device), None
+    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(model.info.config))
+    runs = collect_runs(model.module, _in_model_scale(eps, model), settings, device=device)
+    return runs.errors_m, runs
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def health_metrics(runs: list[Runs], *, threshold_m: float, inflations: list[float],
+                   global_start: bool) -> dict[str, object]:
+    """Coverage / NEES from step index ``COVERAGE_FROM_INDEX`` on, time to converge, false-lost rate; seed means.
+
+    Every dmn-eval episode is a normal run (no kidnapping), so any ``lost`` flag is a false alarm.
+    Coverage is given with each model's stored ``covariance_inflation`` (what the node publishes) and raw.
+    """
+    steps = slice(COVERAGE_FROM_INDEX, None)
+    cov = [r.coverage(inflation=s, steps=steps) for r, s in zip(runs, inflations, strict=True)]
+    raw = [r.coverage(steps=steps) for r in runs]
+    out: dict[str, object] = {
+        "coverage_95": _mean_or_none([c[0] for c in cov]),
+        "mean_nees": _mean_or_none([c[1] for c in cov]),
+        "coverage_95_raw": _mean_or_none([c[0] for c in raw]),
+        "mean_nees_raw": _mean_or_none([c[1] for c in raw]),
+        "covariance_inflation": inflations,
+        "coverage_from_step": COVERAGE_FROM_INDEX + 1,
+        "false_lost_rate": float(np.mean([r.lost.any(axis=1).mean() for r in runs])),
+    }
+    if global_start:
+        steps_to: list[int | None] = [time_to_converge(c, e, threshold_m=threshold_m)
+                                      for r in runs for c, e in zip(r.converged, r.errors_m, strict=True)]
+        hit = [t + 1 for t in steps_to if t is not None]  # 1-based step t
+        out["converged_share"] = len(hit) / max(len(steps_to), 1)
+        out["converged_at_step_mean"] = float(np.mean(hit)) if hit else None
+        out["converged_at_step"] = [None if t is None else t + 1 for t in steps_to]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", action="append", help="exported model(s); several = seeds, averaged")
@@ -69,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nc-sweep", type=_ints, default=[])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report coverage, NEES, time to converge and false-lost rate from the same runs")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -93,11 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         """(seeds, E, T) errors."""
         return np.stack([_run(m, eps, settings, args.device) for m in models])
 
+    def per_model_health(settings: EvalSettings) -> tuple[np.ndarray, list[Runs]]:
+        """(seeds, E, T) errors and, with --health, the same runs' health outputs (particle-filter models)."""
+        if not args.health:
+            return per_model(settings), []
+        res = [_run_with_health(m, eps, settings, args.device) for m in models]
+        return np.stack([r[0] for r in res]), [r[1] for r in res if r[1] is not None]
+
     t0 = time.monotonic()
-    glob = per_model(EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc,
-                                  seed=args.seed))
-    trk = per_model(EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5, num_contexts=args.nc,
-                                 seed=args.seed))
+    glob, glob_runs = per_model_health(EvalSettings(mode="global", num_particles=args.k_global, T=T,
+                                                    num_contexts=args.nc, seed=args.seed))
+    trk, trk_runs = per_model_health(EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5,
+                                                  num_contexts=args.nc, seed=args.seed))
     succ = np.stack([success_rate(e, thr) for e in glob])  # (S, T)
     trk_rmse = np.stack([rmse(e) for e in trk])  # (S, 5)
     cc = closest_context_errors(eps, num_contexts=args.nc, T=T)
@@ -142,6 +202,38 @@ def main(argv: list[str] | None = None) -> int:
         "uninformed_tracking_rmse_m": rmse(un_t).tolist(),
         "episode_set": eps.description,
     }
+
+    if glob_runs and trk_runs:
+        infl = [model_covariance_inflation(m.info.config) for m in models]
+        health = {"global": health_metrics(glob_runs, threshold_m=thr, inflations=infl, global_start=True),
+                  "tracking": health_metrics(trk_runs, threshold_m=thr, inflations=infl, global_start=False)}
+        summary["health"] = health
+
+        def f(v: object, fmt: str = ".2f") -> str:
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+        def pct(v: object) -> str:
+            return f"{100 * v:.0f} %" if isinstance(v, (int, float)) else "-"
+
+        hg, ht = health["global"], health["tracking"]
+        md += [
+            "",
+            f"Health on the same runs (docs/health.md): coverage of the published 95 % ellipse and mean NEES "
+            f"(calibrated: 0.95 and 2) from step t = {COVERAGE_FROM_INDEX + 1} on, covariance inflation "
+            f"{', '.join(f'{v:g}' for v in infl)} (raw in brackets); converged = first step converged and "
+            f"within {thr:.2f} m; false lost = share of these normal (not kidnapped) runs flagged lost at least once.",
+            "",
+            "| mode | 95 % coverage | mean NEES | converged within T (mean step) | false lost |",
+            "|---|---|---|---|---|",
+            f"| global (K = {args.k_global}, T = {T}) | {f(hg['coverage_95'])} ({f(hg['coverage_95_raw'])}) | "
+            f"{f(hg['mean_nees'], '.3g')} ({f(hg['mean_nees_raw'], '.3g')}) | "
+            f"{pct(hg['converged_share'])} ({f(hg['converged_at_step_mean'], '.1f')}) | "
+            f"{pct(hg['false_lost_rate'])} |",
+            f"| tracking (K = {args.k_tracking}, T = 5) | {f(ht['coverage_95'])} ({f(ht['coverage_95_raw'])}) | "
+            f"{f(ht['mean_nees'], '.3g')} ({f(ht['mean_nees_raw'], '.3g')}) | - | {pct(ht['false_lost_rate'])} |",
+        ]
+    elif args.health:
+        md += ["", f"Health: not available for {label} (no particle filter)."]
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, T + 1), 100 * succ.mean(0), "o-", label=label)

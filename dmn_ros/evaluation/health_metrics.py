@@ -31,9 +31,11 @@ from dmn_ros.filter import (
     marginal_log_likelihood,
 )
 from dmn_ros.filter.runner import ObservationModel
+from dmn_ros.geometry import compose
 
 __all__ = [
     "CHI2_2DOF_95",
+    "COVERAGE_FROM_INDEX",
     "Runs",
     "collect_runs",
     "ellipse_coverage",
@@ -45,6 +47,11 @@ __all__ = [
 
 CHI2_2DOF_95 = 5.991
 """95 % quantile of χ² with 2 degrees of freedom: the published ellipse's boundary."""
+
+COVERAGE_FROM_INDEX = 2
+"""Coverage and NEES leave out the first two updates (0-based steps 0 and 1, i.e. t = 1, 2): right after a
+uniform or wide prior the particle cloud is not yet a belief worth calibrating. dmn-eval and dmn-bag-eval
+both use it (the figures in docs/health.md too)."""
 
 
 def nees(errors_xy: np.ndarray, cov_xy: np.ndarray, *, inflation: float = 1.0) -> np.ndarray:
@@ -138,7 +145,9 @@ class Runs:
 
     @property
     def errors_m(self) -> np.ndarray:
-        return np.linalg.norm(self.errors_xy, axis=-1)
+        """``(E, T)`` x-y errors, computed as :func:`~dmn_ros.evaluation.protocol.run_filter` does (hypot)."""
+        e = self.errors_xy
+        return np.hypot(e[..., 0], e[..., 1])
 
     def coverage(self, *, inflation: float = 1.0, steps: slice = slice(None)) -> tuple[float, float]:
         return ellipse_coverage(self.errors_xy[:, steps], self.covariance[:, steps, :2, :2], inflation=inflation)
@@ -157,7 +166,11 @@ def collect_runs(
     health: HealthConfig | None = None,
     device: torch.device | str = "cpu",
 ) -> Runs:
-    """The evaluation protocol's filter (same priors, noise, systematic resampling) keeping covariance and health."""
+    """The evaluation protocol's filter (same priors, noise, systematic resampling) keeping covariance and health.
+
+    Same generator draws as :func:`~dmn_ros.evaluation.protocol.run_filter`, so ``errors_m`` equals its
+    errors exactly; ``dmn-eval`` therefore gets its headline numbers and the health metrics from one run.
+    """
     health = health or HealthConfig()
     dev = torch.device(device)
     scale = episodes.scale
@@ -188,7 +201,9 @@ def collect_runs(
         elif settings.mode == "tracking":
             t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
             offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
-            belief = init_gaussian(mean=t0 + offset, std=std, num_particles=settings.num_particles, generator=g)
+            # compose(t0, 0) as run_filter writes it (it re-wraps the yaw), so both draw bit-identical particles
+            belief = init_gaussian(mean=compose(t0, torch.zeros_like(t0)) + offset, std=std,
+                                   num_particles=settings.num_particles, generator=g)
         else:
             raise ValueError(f"unknown mode {settings.mode!r}")
         states = [HealthState() for _ in range(b)]

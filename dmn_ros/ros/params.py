@@ -114,7 +114,8 @@ SIM: ParamTable = {
     "contexts_from": ("free_space", "free_space (random free poses) or trajectory (a second stored drive)"),
     "odom_noise_xy": (0.02, "m, per-step std of odometry translation noise"),
     "odom_noise_yaw": (0.01, "rad, per-step std of odometry rotation noise"),
-    "kidnap_at_step": (0, "teleport to a random free pose at this frame (1-based), odometry unaware; 0: never"),
+    "kidnap_at_step": (0, "teleport to a random free pose > 15 m away at this frame (1-based), odometry "
+                          "unaware; 0: never"),
     "publish_clock": (False, "publish /clock with simulated time (use with use_sim_time)"),
     "camera_topic": ("camera/image", "query images"),
     "odom_topic": ("odom", "nav_msgs/Odometry"),

@@ -5,7 +5,7 @@ continuous across episodes), ground truth (``PoseStamped`` in the global frame) 
 set of context image-pose pairs for the mapping node. With ``rate > 0`` a timer drives
 it; :meth:`SimNode.step_once` and :meth:`SimNode.reset` let a caller (the demo, tests)
 drive it in lock-step. ``kidnap_at_step = N > 0`` teleports the robot to a random free
-pose at the N-th frame of each world (then it drives on from there) while odometry
+pose (more than 15 m away) at the N-th frame of each world (then it drives on from there) while odometry
 reports no motion: the kidnapped-robot test of docs/health.md.
 """
 
@@ -116,11 +116,14 @@ class SimNode(Node):
         return back
 
     def _kidnap(self) -> None:
-        """Teleport: a new trajectory from a random free pose, starting at this frame."""
-        from dmn_ros.worlds import smooth_trajectory
+        """Teleport: a new trajectory from a random free pose far away, starting at this frame.
 
-        start = self.world.sample_free_poses(1, self.rng)[0]
-        self.trajectory = smooth_trajectory(self.world, self.rng, steps=len(self.trajectory), start=start)
+        The rule (:func:`dmn_ros.worlds.kidnapped_trajectory`) is shared with ``dmn-bag-record --kidnap-at-step``.
+        """
+        from dmn_ros.worlds import kidnapped_trajectory
+
+        self.trajectory = kidnapped_trajectory(self.world, self.rng, self.truth, steps=len(self.trajectory))
+        start = self.trajectory[0]
         self._trajectory_start = self.index
         self.kidnapped_at = self.index
         old = self.truth if self.truth is not None else start

@@ -12,15 +12,24 @@ from typing import Any
 from dmn_ros.worlds.base import AREA_SIZE_M, Footprints, World
 from dmn_ros.worlds.maze import MazeWorld
 from dmn_ros.worlds.rooms import RoomsWorld
-from dmn_ros.worlds.trajectories import random_order_poses, smooth_trajectory
+from dmn_ros.worlds.trajectories import (
+    KIDNAP_MIN_DISTANCE_M,
+    kidnap_pose,
+    kidnapped_trajectory,
+    random_order_poses,
+    smooth_trajectory,
+)
 
 __all__ = [
     "AREA_SIZE_M",
     "DOMAINS",
+    "KIDNAP_MIN_DISTANCE_M",
     "Footprints",
     "MazeWorld",
     "RoomsWorld",
     "World",
+    "kidnap_pose",
+    "kidnapped_trajectory",
     "make_world",
     "random_order_poses",
     "smooth_trajectory",

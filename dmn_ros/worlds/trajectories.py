@@ -7,7 +7,11 @@ import numpy as np
 from dmn_ros.geometry import wrap_angle
 from dmn_ros.worlds.base import World
 
-__all__ = ["random_order_poses", "smooth_trajectory"]
+__all__ = ["KIDNAP_MIN_DISTANCE_M", "kidnap_pose", "kidnapped_trajectory", "random_order_poses", "smooth_trajectory"]
+
+KIDNAP_MIN_DISTANCE_M = 15.0
+"""Least x-y distance of a kidnapping: well beyond the 8.94 m success threshold, so a filter that keeps
+tracking the old pose is clearly wrong (the recovery test of docs/health.md uses the same)."""
 
 
 def smooth_trajectory(
@@ -54,3 +58,40 @@ def smooth_trajectory(
 def random_order_poses(world: World, rng: np.random.Generator, n: int) -> np.ndarray:
     """(n, 3) independent free poses in random order: the paper's query 'trajectories' (Sec. V-A)."""
     return world.sample_free_poses(n, rng)
+
+
+def kidnap_pose(
+    world: World,
+    rng: np.random.Generator,
+    current: np.ndarray | None,
+    *,
+    min_distance_m: float = KIDNAP_MIN_DISTANCE_M,
+) -> np.ndarray:
+    """A random free pose more than ``min_distance_m`` from ``current`` (any free pose if ``current`` is None).
+
+    The kidnapped-robot test's teleport: far enough that the old belief cannot explain the new views.
+    If no free pose that far exists (a tiny world), the farthest of the candidates drawn is used.
+    """
+    cand = world.sample_free_poses(64, rng)
+    if current is None:
+        return cand[0]
+    d = np.hypot(cand[:, 0] - current[0], cand[:, 1] - current[1])
+    far = np.flatnonzero(d > min_distance_m)
+    return cand[far[0]] if far.size else cand[int(np.argmax(d))]
+
+
+def kidnapped_trajectory(
+    world: World,
+    rng: np.random.Generator,
+    current: np.ndarray | None,
+    *,
+    steps: int,
+    min_distance_m: float = KIDNAP_MIN_DISTANCE_M,
+) -> np.ndarray:
+    """(steps, 3) smooth drive that starts at a :func:`kidnap_pose` away from ``current``.
+
+    Shared by ``sim_node`` (``kidnap_at_step``) and ``dmn-bag-record --kidnap-at-step``, so both
+    teleport by the same rule.
+    """
+    start = kidnap_pose(world, rng, current, min_distance_m=min_distance_m)
+    return smooth_trajectory(world, rng, steps=steps, start=start)
