@@ -90,16 +90,21 @@ def export_model(
     area_size_m: float = 40.0,
     description: str = "",
     calibration: dict[str, float] | None = None,
+    results: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """Script ``model`` (any kind in :data:`dmn_ros.model.MODEL_KINDS`) and save it with its metadata, atomically.
 
     ``calibration`` (e.g. ``{"covariance_inflation": s}``, fitted on validation runs) is
-    stored in ``config["calibration"]``, where the Localizer reads it.
+    stored in ``config["calibration"]``, where the Localizer reads it. ``results`` (JSON values:
+    the figures the model reached and how they were measured, see :func:`results_from_eval`) is
+    stored in ``config["results"]`` so a model file says what it is good for.
     """
     model = model.to("cpu").eval()
     config: dict[str, Any] = model_config(model)  # includes "kind": load_model checks the methods it needs
     if calibration:
         config["calibration"] = {k: float(v) for k, v in calibration.items()}
+    if results:
+        config["results"] = json.loads(json.dumps(results))  # plain JSON values only, checked here
     info = ModelInfo(
         image_height=model.image_height,
         image_width=model.image_width,
@@ -187,3 +192,24 @@ def default_model_path() -> Path:
         if c.is_file():
             return c
     return candidates[-1]
+
+
+def results_from_eval(results_json: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a ``dmn-eval`` ``results.json`` for :func:`export_model`'s ``results``.
+
+    Global success at t = 1 and t = 5 (or the last step), tracking RMSE at t = 5, and the episode
+    set they were measured on.
+    """
+    def at(curve: list[float], t: int) -> float:
+        return float(curve[min(t, len(curve)) - 1])
+
+    g, r = results_json["global_success"], results_json["tracking_rmse_m"]
+    g = g[0] if g and isinstance(g[0], list) else g
+    r = r[0] if r and isinstance(r[0], list) else r
+    return {
+        "global_success_t1": at(g, 1),
+        "global_success_t5": at(g, 5),
+        "tracking_rmse_m_t5": at(r, 5),
+        "success_threshold_m": float(results_json["threshold_m"]),
+        "episode_set": results_json.get("episode_set", {}),
+    }

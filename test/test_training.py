@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmn_ros.export import load_model, weights_fingerprint
+from dmn_ros.export import export_model, load_model, weights_fingerprint
+from dmn_ros.model import DMN
 from dmn_ros.training.config import Stage, load_config
 from dmn_ros.training.trainer import CHECKPOINT_BEST, CHECKPOINT_LAST, load_checkpoint, model_from_checkpoint, train
 
@@ -62,6 +64,25 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
     assert s > 0 and cal.info.fingerprint == loaded.info.fingerprint
     assert Localizer(cal).covariance_inflation == pytest.approx(s)
     assert Localizer(cal).likelihood_scale == cal.info.config["calibration"]["likelihood_scale"]
+    # Re-export of the same weights: the calibration is copied, and an eval's headline goes into the metadata.
+    fp = loaded.info.fingerprint
+    ev = {"fingerprints": [fp], "threshold_m": 8.94, "global_success": [[0.25, 0.5, 0.5, 0.5, 0.75]],
+          "tracking_rmse_m": [[3.0, 2.0, 2.0, 2.0, 1.5]], "episode_set": {"split": "test", "episodes": 4}}
+    (tmp_path / "results.json").write_text(json.dumps(ev))
+    assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "re.pt"), "--calibration-from",
+                        str(tmp_path / "cal.pt"), "--results", str(tmp_path / "results.json")]) == 0
+    re_info = load_model(tmp_path / "re.pt").info
+    assert re_info.config["calibration"] == cal.info.config["calibration"] and re_info.fingerprint == fp
+    assert re_info.config["results"] == {"global_success_t1": 0.25, "global_success_t5": 0.75,
+                                         "tracking_rmse_m_t5": 1.5, "success_threshold_m": 8.94,
+                                         "episode_set": {"split": "test", "episodes": 4}}
+    (tmp_path / "other.json").write_text(json.dumps({**ev, "fingerprints": ["0000000000000000"]}))
+    with pytest.raises(SystemExit):  # figures of other weights
+        export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "x.pt"), "--results", str(tmp_path / "other.json")])
+    export_model(DMN(), tmp_path / "untrained.pt", meters_per_unit=20.0, calibration={"likelihood_scale": 0.5})
+    with pytest.raises(SystemExit, match="does not apply"):  # a calibration fitted for other weights
+        export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "y.pt"), "--calibration-from",
+                     str(tmp_path / "untrained.pt")])
 
     # Resume: continues from step 3 with the saved weights, not from scratch.
     before = {k: v.clone() for k, v in state["model"].items()}

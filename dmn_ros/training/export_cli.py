@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
-from dmn_ros.export import export_model
+from dmn_ros.export import export_model, load_model, results_from_eval, weights_fingerprint
 from dmn_ros.training.trainer import load_checkpoint, model_from_checkpoint
 
 
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", metavar="DATA_DIR", default="",
                    help="fit the likelihood temperature and covariance inflation on this dataset's val split")
     p.add_argument("--calibrate-episodes", type=int, default=24)
+    p.add_argument("--calibration-from", metavar="MODEL", default="",
+                   help="copy the calibration of an exported model with the same weights (re-export, no re-fit)")
+    p.add_argument("--results", metavar="RESULTS_JSON", default="",
+                   help="a dmn-eval results.json of these weights: its headline figures go into the metadata")
     args = p.parse_args(argv)
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state).eval()
@@ -29,11 +34,36 @@ def main(argv: list[str] | None = None) -> int:
         calibration = calibrate(model, args.calibrate, episodes=args.calibrate_episodes)
         print(f"calibration fitted on {args.calibrate} (val): " + ", ".join(f"{k} {v:.4g}" for k, v in
                                                                           calibration.items()))
+    if args.calibration_from:
+        if args.calibrate:
+            p.error("--calibrate and --calibration-from exclude each other")
+        calibration = _calibration_of(args.calibration_from, weights_fingerprint(model))
+    results = None
+    if args.results:
+        with open(args.results) as f:
+            ev = json.load(f)
+        if weights_fingerprint(model) not in ev.get("fingerprints", []):
+            p.error(f"{args.results} was measured on models {ev.get('fingerprints')}, not on these weights "
+                    f"({weights_fingerprint(model)})")
+        results = results_from_eval(ev)
     info = export_model(model, args.out, meters_per_unit=float(state["meters_per_unit"]),
-                        area_size_m=float(state["area_size_m"]), description=desc, calibration=calibration)
+                        area_size_m=float(state["area_size_m"]), description=desc, calibration=calibration,
+                        results=results)
     print(f"wrote {args.out}: {info.image_height}x{info.image_width}, {info.meters_per_unit} m/unit, "
           f"fingerprint {info.fingerprint}")
     return 0
+
+
+def _calibration_of(model_path: str, fingerprint: str) -> dict[str, float]:
+    """A stored calibration is only valid for the weights it was fitted on."""
+    info = load_model(model_path).info
+    if info.fingerprint != fingerprint:
+        raise SystemExit(f"dmn-export: {model_path} has weights {info.fingerprint}, the checkpoint {fingerprint}: "
+                         "its calibration does not apply")
+    cal = info.config.get("calibration")
+    if not isinstance(cal, dict) or not cal:
+        raise SystemExit(f"dmn-export: {model_path} carries no calibration")
+    return {k: float(v) for k, v in cal.items()}
 
 
 SCALE_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625)
