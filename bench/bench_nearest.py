@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-tracking", type=int, default=256)
     p.add_argument("--T", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     eps = make_episode_set(args.data, split="test", num_episodes=args.episodes, num_contexts=args.nc, T=args.T)
     thr = success_threshold_m(eps.area_size_m)
     base = EvalSettings(num_contexts=args.nc, T=args.T, likelihood_scale=model_likelihood_scale(model.info.config))
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode, k in (("global", args.k_global), ("tracking", args.k_tracking)):
             s = dataclasses.replace(base, mode=mode, num_particles=k, nearest_contexts=m)
             t0 = time.perf_counter()
-            err = run_filter(model.module, eps, s)
+            err = run_filter(model.module, eps, s, device=args.device)
             times.append((time.perf_counter() - t0) / (args.episodes * args.T))
             row.append(err)
         g, tr = row
