@@ -27,35 +27,26 @@ from typing import Final
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dmn_ros.geometry import egocentric_viewpoints_torch
-from dmn_ros.model.networks import (
-    CNN1,
-    CNN2,
-    CNN3,
-    CNN4,
-    CNN5,
-    CNN6,
-    conv_layer,
-    conv_stack,
-    init_weights,
-    output_hw,
-    valid_tap_weights,
+from dmn_ros.model.base import (
+    FC_DIM,
+    ParticleModel,
+    embedding_nets,
+    fc_head,
+    particle_chunks,
+    pose_channels,
+    query_nets,
 )
+from dmn_ros.model.networks import CNN2, CNN3, CNN4, CNN6, conv_layer, conv_stack, init_weights, valid_tap_weights
 
 EMBED_DIM = 64  # D, SPEC
 KEY_DIM = 32
 VALUE_DIM = 64
 QUERY_DIM = 64
-FC_DIM = 512
 
 
-def _pose_channels(pose: torch.Tensor) -> torch.Tensor:
-    return torch.stack([pose[..., 0], pose[..., 1], torch.sin(pose[..., 2]), torch.cos(pose[..., 2])], dim=-1)
-
-
-class DMN(nn.Module):
+class DMN(ParticleModel):
     """Map encoder (CNN1, CNN4) and observation model (CNN2, CNN3, CNN5, CNN6, FC1).
 
     Shapes: images ``(B, 3, H, W)`` float in [0, 1]; view embeddings
@@ -92,46 +83,32 @@ class DMN(nn.Module):
         super().__init__()
         self.embed_dim, self.key_dim, self.value_dim = EMBED_DIM, KEY_DIM, VALUE_DIM
         self.query_dim, self.fc_dim = QUERY_DIM, FC_DIM
-        self.image_height = image_height
-        self.image_width = image_width
-        self.feat_h, self.feat_w = output_hw(image_height, image_width)
+        self._set_image(image_height, image_width, share_query_trunk)
         self.attention = attention
         self.egocentric = egocentric
-        self.share_query_trunk = share_query_trunk
         # Without the egocentric transform the keys see both absolute poses (ablation).
         self.pose_dim = 4 if egocentric else 8
         # Particle x context rows per chunk. Small chunks keep the per-(particle, context) tensors
         # near the caches: 512 rows ran 1.4-2.4x faster on CPU than one 32768-row chunk (docs/PERFORMANCE.md).
         self.max_rows = max_rows
 
-        self.cnn1_trunk = conv_stack(3, CNN1[:3])
-        self.cnn1_tail = conv_stack(CNN1[2][0], CNN1[3:])
+        self.cnn1_trunk, self.cnn1_tail = embedding_nets()
         self.cnn2_first = conv_layer(self.embed_dim + self.pose_dim, CNN2[0][0], CNN2[0][1], CNN2[0][2])
         self.cnn2_rest = conv_stack(CNN2[0][0], CNN2[1:])
         if len(self.cnn2_rest) != 1:  # the attention factorization below needs one linear conv
             raise ValueError("CNN2 after its first layer must be a single linear convolution")
         self.cnn3 = conv_stack(3, CNN3)
         self.cnn4 = conv_stack(self.embed_dim, CNN4)
-        self.cnn5_trunk = nn.Sequential() if share_query_trunk else conv_stack(3, CNN5[:3])
-        self.cnn5_head = conv_stack(CNN5[2][0], CNN5[3:])
+        self.cnn5_trunk, self.cnn5_head = query_nets(share_query_trunk)
         cnn6_in = self.value_dim + self.key_dim + self.query_dim
         self.cnn6_first = conv_layer(cnn6_in, CNN6[0][0], CNN6[0][1], CNN6[0][2])
         self.cnn6_rest = conv_stack(CNN6[0][0], CNN6[1:])
-        self.fc1 = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(CNN6[-1][0] * self.feat_h * self.feat_w, self.fc_dim),
-            nn.ReLU(),
-            nn.Linear(self.fc_dim, 1),  # linear: an unnormalized log-likelihood (SPEC)
-        )
+        # Last layer linear: an unnormalized log-likelihood (SPEC).
+        self.fc1 = fc_head(CNN6[-1][0] * self.feat_h * self.feat_w, 1, self.fc_dim)
         init_weights(self)
         self.attn_scale = 1.0 / math.sqrt(self.key_dim * self.feat_h * self.feat_w)
 
-    # ---- map side -------------------------------------------------------------------------
-    @torch.jit.export
-    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
-        """CNN1: ``(N, 3, H, W) -> (N, 64, h, w)``; the view-embedding map's entries."""
-        return self.cnn1_tail(self.cnn1_trunk(images - 0.5))
-
+    # ---- map side (embed_views: ImageModel) ------------------------------------------------
     @torch.jit.export
     def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything that depends on the map only, computed once per map.
@@ -150,12 +127,7 @@ class DMN(nn.Module):
             g.reshape(b, n, g.shape[1], self.feat_h, self.feat_w),
         )
 
-    # ---- query side -----------------------------------------------------------------------
-    def query_trunk(self, images: torch.Tensor) -> torch.Tensor:
-        if self.share_query_trunk:
-            return self.cnn1_trunk(images - 0.5)
-        return self.cnn5_trunk(images - 0.5)
-
+    # ---- query side (query_trunk: ImageModel) ---------------------------------------------
     @torch.jit.export
     def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per frame: query key ``q = CNN3(Q)`` and CNN5's share of CNN6's first conv (+ its bias)."""
@@ -171,8 +143,8 @@ class DMN(nn.Module):
             return egocentric_viewpoints_torch(context_poses, particles)
         k = particles.shape[1]
         n = context_poses.shape[1]
-        ctx = _pose_channels(context_poses).unsqueeze(1).expand(-1, k, -1, -1)
-        par = _pose_channels(particles).unsqueeze(2).expand(-1, -1, n, -1)
+        ctx = pose_channels(context_poses).unsqueeze(1).expand(-1, k, -1, -1)
+        par = pose_channels(particles).unsqueeze(2).expand(-1, -1, n, -1)
         return torch.cat([ctx, par], dim=-1)
 
     def attention_weights(self, logits: torch.Tensor) -> torch.Tensor:
@@ -196,21 +168,13 @@ class DMN(nn.Module):
         ``nearest > 0`` attends, per particle, only to the ``nearest`` contexts closest to it in
         x-y (large shared maps); it equals full attention when ``nearest >= Nc``.
         """
-        k_total = particles.shape[1]
         n = context_poses.shape[1]
         if 0 < nearest < n:
             n = nearest
-        b = particles.shape[0]
-        chunk = max(1, self.max_rows // max(1, b * n))
-        if chunk >= k_total:
+        chunks = particle_chunks(particles, particles.shape[0] * n, self.max_rows)
+        if len(chunks) <= 1:
             return self._particles_chunk(map_a, map_g, context_poses, q, hq, particles, nearest)
-        outs: list[torch.Tensor] = []
-        for start in range(0, k_total, chunk):
-            outs.append(
-                self._particles_chunk(
-                    map_a, map_g, context_poses, q, hq, particles[:, start : start + chunk], nearest
-                )
-            )
+        outs = [self._particles_chunk(map_a, map_g, context_poses, q, hq, p, nearest) for p in chunks]
         return torch.cat(outs, dim=1)
 
     def _particles_chunk(
@@ -263,18 +227,6 @@ class DMN(nn.Module):
         pre6 = (att_val + key_term.reshape(b, k, -1, h, w)).add_(hq.unsqueeze(1)).relu_()
         x = self.cnn6_rest(pre6.reshape(b * k, -1, h, w))
         return self.fc1(x).reshape(b, k)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        embeddings: torch.Tensor,
-        context_poses: torch.Tensor,
-        particles: torch.Tensor,
-    ) -> torch.Tensor:
-        """``l_t^k``: ``(B, K)`` unnormalized log-likelihoods of each particle for the query frame."""
-        map_a, map_g = self.prepare_map(embeddings)
-        q, hq = self.prepare_query(query)
-        return self.log_likelihood_prepared(map_a, map_g, context_poses, q, hq, particles, 0)
 
     @torch.jit.unused
     def reference_log_likelihood(

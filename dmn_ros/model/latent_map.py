@@ -40,129 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmn_ros.model.networks import (
-    CNN1,
-    CNN4,
-    CNN5,
-    CNN6,
-    conv_layer,
-    conv_stack,
-    init_weights,
-    output_hw,
-    valid_tap_weights,
-)
+from dmn_ros.model.base import ParticleModel, embedding_nets, fc_head, particle_chunks, pose_channels, query_nets
+from dmn_ros.model.networks import CNN4, CNN6, LayerSpec, conv_layer, conv_stack, init_weights, valid_tap_weights
 
 EMBED_DIM = 64  # CNN1 output channels, as in the DMN
 QUERY_DIM = 64
-FC_DIM = 512
 POSE_DIM = 4  # (x, y, sin ψ, cos ψ)
 VECTOR_DIM = 128
-VECTOR_CONVS = ((64, 3, 1, True), (32, 3, 1, True))
+VECTOR_CONVS: tuple[LayerSpec, ...] = ((64, 3, 1, True), (32, 3, 1, True))
 
-
-def pose_channels(pose: torch.Tensor) -> torch.Tensor:
-    """``(..., 3) -> (..., 4)``: the continuous ``(x, y, sin ψ, cos ψ)`` the networks see."""
-    return torch.stack([pose[..., 0], pose[..., 1], torch.sin(pose[..., 2]), torch.cos(pose[..., 2])], dim=-1)
-
-
-class _LatentMapPF(nn.Module):
-    """Shared query side and likelihood network; subclasses define the map encoder (``_map_term``)."""
-
-    kind: Final[str]
-    image_height: Final[int]
-    image_width: Final[int]
-    feat_h: Final[int]
-    feat_w: Final[int]
-    share_query_trunk: Final[bool]
-    embed_dim: Final[int]
-    query_dim: Final[int]
-    map_dim: Final[int]
-    max_rows: Final[int]
-
-    def __init__(self, *, kind: str, map_dim: int, image_height: int, image_width: int, share_query_trunk: bool,
-                 max_rows: int) -> None:
-        super().__init__()
-        self.kind = kind
-        self.image_height, self.image_width = image_height, image_width
-        self.feat_h, self.feat_w = output_hw(image_height, image_width)
-        self.share_query_trunk = share_query_trunk
-        self.embed_dim, self.query_dim, self.map_dim = EMBED_DIM, QUERY_DIM, map_dim
-        self.max_rows = max_rows  # particles per chunk (times B): bounds inference memory
-        self.cnn1_trunk = conv_stack(3, CNN1[:3])
-        self.cnn1_tail = conv_stack(CNN1[2][0], CNN1[3:])
-        self.cnn5_trunk = nn.Sequential() if share_query_trunk else conv_stack(3, CNN5[:3])
-        self.cnn5_head = conv_stack(CNN5[2][0], CNN5[3:])
-        self.cnn6_first = conv_layer(map_dim + QUERY_DIM + POSE_DIM, CNN6[0][0], CNN6[0][1], CNN6[0][2])
-        self.cnn6_rest = conv_stack(CNN6[0][0], CNN6[1:])
-        self.fc1 = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(CNN6[-1][0] * self.feat_h * self.feat_w, FC_DIM),
-            nn.ReLU(),
-            nn.Linear(FC_DIM, 1),  # linear: an unnormalized log-likelihood, as in the DMN
-        )
-
-    @torch.jit.export
-    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
-        """CNN1 (the DMN's view-embedding net): ``(N, 3, H, W) -> (N, 64, h, w)``, one map entry per context."""
-        return self.cnn1_tail(self.cnn1_trunk(images - 0.5))
-
-    def query_trunk(self, images: torch.Tensor) -> torch.Tensor:
-        if self.share_query_trunk:
-            return self.cnn1_trunk(images - 0.5)
-        return self.cnn5_trunk(images - 0.5)
-
-    @torch.jit.export
-    def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(CNN5(Q), CNN5's share of CNN6's first conv + its bias)``, both ``(B, 64, h, w)``."""
-        f = self.cnn5_head(self.query_trunk(query))
-        w = self.cnn6_first.weight[:, self.map_dim : self.map_dim + self.query_dim]
-        return f, F.conv2d(f, w, self.cnn6_first.bias, padding=1)
-
-    def _map_term(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
-        """The map's share of CNN6's first conv, ``(B, 64, h, w)``."""
-        raise NotImplementedError
-
-    @torch.jit.export
-    def log_likelihood_prepared(
-        self,
-        map_a: torch.Tensor,
-        map_g: torch.Tensor,
-        context_poses: torch.Tensor,
-        q: torch.Tensor,
-        hq: torch.Tensor,
-        particles: torch.Tensor,
-        nearest: int = 0,
-    ) -> torch.Tensor:
-        """``(B, K)`` log-likelihoods; ``map_g``, ``q`` and ``nearest`` are unused (see the module docstring)."""
-        b, k_total = particles.shape[0], particles.shape[1]
-        h, w = self.feat_h, self.feat_w
-        base = self._map_term(map_a, context_poses) + hq  # (B, 64, h, w): shared by every particle
-        # The tiled particle pose through CNN6's first conv is a per-position affine map of the 4 numbers.
-        eff = valid_tap_weights(self.cnn6_first.weight[:, self.map_dim + self.query_dim :], h, w)  # (64, 4, h, w)
-        chunk = max(1, self.max_rows // max(1, b))
-        outs: list[torch.Tensor] = []
-        for start in range(0, k_total, chunk):
-            p = pose_channels(particles[:, start : start + chunk])  # (B, k, 4)
-            k = p.shape[1]
-            pre = (torch.einsum("ophw,bkp->bkohw", eff, p) + base.unsqueeze(1)).relu()
-            x = self.cnn6_rest(pre.reshape(b * k, pre.shape[2], h, w))
-            outs.append(self.fc1(x).reshape(b, k))
-        return torch.cat(outs, dim=1)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        embeddings: torch.Tensor,
-        context_poses: torch.Tensor,
-        particles: torch.Tensor,
-    ) -> torch.Tensor:
-        """``(B, K)`` log-likelihoods from embeddings ``(B, Nc, 64, h, w)``, like :meth:`DMN.forward`."""
-        map_a, map_g = self.prepare_map(embeddings)
-        q, hq = self.prepare_query(query)
-        return self.log_likelihood_prepared(map_a, map_g, context_poses, q, hq, particles, 0)
-
-    def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+__all__ = ["LatentImageMap", "LatentVectorMap", "pose_channels"]
 
 
 class _PosedEncoderFirst(nn.Module):
@@ -188,39 +75,104 @@ class _PosedEncoderFirst(nn.Module):
         return (part + torch.einsum("ophw,bnp->bnohw", eff, pose_channels(context_poses))).relu()
 
 
-class LatentImageMap(_LatentMapPF):
-    """PF with a latent image map: ``M = mean_i enc(CNN1(C_i) ⊕ tile(s_i))``, ``(64, h, w)``."""
+class _LatentMapPF(ParticleModel):
+    """Shared query side, context encoder convs and likelihood network; subclasses define ``_map_term``."""
 
-    def __init__(self, *, image_height: int = 32, image_width: int = 32, share_query_trunk: bool = True,
-                 max_rows: int = 4096) -> None:
-        super().__init__(kind="latent_image", map_dim=CNN4[-1][0], image_height=image_height,
-                         image_width=image_width, share_query_trunk=share_query_trunk, max_rows=max_rows)
-        self.enc_first = _PosedEncoderFirst(CNN4[0][0])
-        self.enc_rest = conv_stack(CNN4[0][0], CNN4[1:])
-        init_weights(self)
+    kind: Final[str]
+    embed_dim: Final[int]
+    query_dim: Final[int]
+    map_dim: Final[int]
+    max_rows: Final[int]
+
+    def __init__(self, *, kind: str, map_dim: int, enc_convs: tuple[LayerSpec, ...], image_height: int,
+                 image_width: int, share_query_trunk: bool, max_rows: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self._set_image(image_height, image_width, share_query_trunk)
+        self.embed_dim, self.query_dim, self.map_dim = EMBED_DIM, QUERY_DIM, map_dim
+        self.max_rows = max_rows  # particles per chunk (times B): bounds inference memory
+        self.cnn1_trunk, self.cnn1_tail = embedding_nets()
+        self.cnn5_trunk, self.cnn5_head = query_nets(share_query_trunk)
+        self.cnn6_first = conv_layer(map_dim + QUERY_DIM + POSE_DIM, CNN6[0][0], CNN6[0][1], CNN6[0][2])
+        self.cnn6_rest = conv_stack(CNN6[0][0], CNN6[1:])
+        # Last layer linear: an unnormalized log-likelihood, as in the DMN.
+        self.fc1 = fc_head(CNN6[-1][0] * self.feat_h * self.feat_w, 1)
+        self.enc_first = _PosedEncoderFirst(enc_convs[0][0])
+        self.enc_rest = conv_stack(enc_convs[0][0], enc_convs[1:])
 
     @torch.jit.export
     def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pose-free part of the encoder's first conv (B, Nc, 128, h, w), empty placeholder)``."""
+        """``(pose-free part of the encoder's first conv (B, Nc, C, h, w), empty placeholder)``."""
         a = self.enc_first.embedding_part(embeddings)
         return a, a.new_zeros(a.shape[0], a.shape[1], 0, a.shape[3], a.shape[4])
 
-    @torch.jit.export
-    def latent_map(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
-        """The latent image ``(B, 64, h, w)``: per-context encoding averaged element-wise over contexts."""
+    def _encode_contexts(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
+        """The encoder's convolutions per context: ``(B * Nc, C, h, w)``."""
         b, n, h, w = map_a.shape[0], map_a.shape[1], map_a.shape[3], map_a.shape[4]
         hidden = self.enc_first.add_poses(map_a, context_poses)
-        enc = self.enc_rest(hidden.reshape(b * n, hidden.shape[2], h, w))
-        return enc.reshape(b, n, enc.shape[1], h, w).mean(dim=1)
+        return self.enc_rest(hidden.reshape(b * n, hidden.shape[2], h, w))
+
+    @torch.jit.export
+    def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(CNN5(Q), CNN5's share of CNN6's first conv + its bias)``, both ``(B, 64, h, w)``."""
+        f = self.cnn5_head(self.query_trunk(query))
+        w = self.cnn6_first.weight[:, self.map_dim : self.map_dim + self.query_dim]
+        return f, F.conv2d(f, w, self.cnn6_first.bias, padding=1)
 
     def _map_term(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
-        m = self.latent_map(map_a, context_poses)
-        return F.conv2d(m, self.cnn6_first.weight[:, : self.map_dim], None, padding=1)
+        """The map's share of CNN6's first conv, ``(B, 64, h, w)``."""
+        raise NotImplementedError
+
+    @torch.jit.export
+    def log_likelihood_prepared(
+        self,
+        map_a: torch.Tensor,
+        map_g: torch.Tensor,
+        context_poses: torch.Tensor,
+        q: torch.Tensor,
+        hq: torch.Tensor,
+        particles: torch.Tensor,
+        nearest: int = 0,
+    ) -> torch.Tensor:
+        """``(B, K)`` log-likelihoods; ``map_g``, ``q`` and ``nearest`` are unused (see the module docstring)."""
+        b = particles.shape[0]
+        h, w = self.feat_h, self.feat_w
+        base = self._map_term(map_a, context_poses) + hq  # (B, 64, h, w): shared by every particle
+        # The tiled particle pose through CNN6's first conv is a per-position affine map of the 4 numbers.
+        eff = valid_tap_weights(self.cnn6_first.weight[:, self.map_dim + self.query_dim :], h, w)  # (64, 4, h, w)
+        outs: list[torch.Tensor] = []
+        for chunk in particle_chunks(particles, b, self.max_rows):
+            p = pose_channels(chunk)  # (B, k, 4)
+            k = p.shape[1]
+            pre = (torch.einsum("ophw,bkp->bkohw", eff, p) + base.unsqueeze(1)).relu()
+            x = self.cnn6_rest(pre.reshape(b * k, pre.shape[2], h, w))
+            outs.append(self.fc1(x).reshape(b, k))
+        return torch.cat(outs, dim=1)
 
     def config(self) -> dict[str, int | bool | str]:
         """Constructor arguments plus ``kind``, stored with checkpoints and exported models."""
         return {"kind": self.kind, "image_height": self.image_height, "image_width": self.image_width,
                 "share_query_trunk": self.share_query_trunk}
+
+
+class LatentImageMap(_LatentMapPF):
+    """PF with a latent image map: ``M = mean_i enc(CNN1(C_i) ⊕ tile(s_i))``, ``(64, h, w)``."""
+
+    def __init__(self, *, image_height: int = 32, image_width: int = 32, share_query_trunk: bool = True,
+                 max_rows: int = 4096) -> None:
+        super().__init__(kind="latent_image", map_dim=CNN4[-1][0], enc_convs=CNN4, image_height=image_height,
+                         image_width=image_width, share_query_trunk=share_query_trunk, max_rows=max_rows)
+        init_weights(self)
+
+    @torch.jit.export
+    def latent_map(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
+        """The latent image ``(B, 64, h, w)``: per-context encoding averaged element-wise over contexts."""
+        enc = self._encode_contexts(map_a, context_poses)
+        return enc.reshape(map_a.shape[0], map_a.shape[1], enc.shape[1], enc.shape[2], enc.shape[3]).mean(dim=1)
+
+    def _map_term(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
+        m = self.latent_map(map_a, context_poses)
+        return F.conv2d(m, self.cnn6_first.weight[:, : self.map_dim], None, padding=1)
 
 
 class LatentVectorMap(_LatentMapPF):
@@ -230,29 +182,19 @@ class LatentVectorMap(_LatentMapPF):
 
     def __init__(self, *, image_height: int = 32, image_width: int = 32, share_query_trunk: bool = True,
                  vector_dim: int = VECTOR_DIM, max_rows: int = 4096) -> None:
-        super().__init__(kind="latent_vector", map_dim=vector_dim, image_height=image_height,
+        super().__init__(kind="latent_vector", map_dim=vector_dim, enc_convs=VECTOR_CONVS, image_height=image_height,
                          image_width=image_width, share_query_trunk=share_query_trunk, max_rows=max_rows)
         self.vector_dim = vector_dim
-        self.enc_first = _PosedEncoderFirst(VECTOR_CONVS[0][0])
-        self.enc_rest = conv_stack(VECTOR_CONVS[0][0], VECTOR_CONVS[1:])
         self.enc_fc = nn.Sequential(
             nn.Flatten(), nn.Linear(VECTOR_CONVS[-1][0] * self.feat_h * self.feat_w, vector_dim), nn.ReLU()
         )
         init_weights(self)
 
     @torch.jit.export
-    def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pose-free part of the encoder's first conv (B, Nc, 64, h, w), empty placeholder)``."""
-        a = self.enc_first.embedding_part(embeddings)
-        return a, a.new_zeros(a.shape[0], a.shape[1], 0, a.shape[3], a.shape[4])
-
-    @torch.jit.export
     def latent_map(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
         """The latent vector ``(B, vector_dim)``: per-context vectors averaged over contexts."""
-        b, n, h, w = map_a.shape[0], map_a.shape[1], map_a.shape[3], map_a.shape[4]
-        hidden = self.enc_first.add_poses(map_a, context_poses)
-        vec = self.enc_fc(self.enc_rest(hidden.reshape(b * n, hidden.shape[2], h, w)))
-        return vec.reshape(b, n, self.vector_dim).mean(dim=1)
+        vec = self.enc_fc(self._encode_contexts(map_a, context_poses))
+        return vec.reshape(map_a.shape[0], map_a.shape[1], self.vector_dim).mean(dim=1)
 
     def _map_term(self, map_a: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
         m = self.latent_map(map_a, context_poses)  # tiled over h×w, like a pose: a per-position affine map
@@ -260,6 +202,5 @@ class LatentVectorMap(_LatentMapPF):
         return torch.einsum("ophw,bp->bohw", eff, m)
 
     def config(self) -> dict[str, int | bool | str]:
-        """Constructor arguments plus ``kind``, stored with checkpoints and exported models."""
-        return {"kind": self.kind, "image_height": self.image_height, "image_width": self.image_width,
-                "share_query_trunk": self.share_query_trunk, "vector_dim": self.vector_dim}
+        """:meth:`_LatentMapPF.config` plus ``vector_dim``."""
+        return {**super().config(), "vector_dim": self.vector_dim}

@@ -24,19 +24,19 @@ import torch
 from torch import nn
 
 from dmn_ros.geometry import egocentric_viewpoints_torch
-from dmn_ros.model.networks import CNN1, CNN2, CNN3, CNN4, CNN5, CNN6, conv_stack, init_weights, output_hw
+from dmn_ros.model.base import ImageModel, embedding_nets, fc_head, query_nets
+from dmn_ros.model.networks import CNN2, CNN3, CNN4, CNN6, conv_stack, init_weights
 
 EMBED_DIM = 64
 KEY_DIM = 32
 VALUE_DIM = 64
 QUERY_DIM = 64
-FC_DIM = 512
 POSE_DIM = 4
 HEAD_INIT_GAIN = 0.01
 """The last layer starts small: the first estimates stay near the prior's mean instead of random jumps."""
 
 
-class PoseRegression(nn.Module):
+class PoseRegression(ImageModel):
     """DMN trunk with one particle at the previous estimate, regressing the relative pose.
 
     Shapes: embeddings ``(B, Nc, 64, h, w)``, context poses ``(B, Nc, 3)``, previous
@@ -44,11 +44,6 @@ class PoseRegression(nn.Module):
     """
 
     kind: Final[str]
-    image_height: Final[int]
-    image_width: Final[int]
-    feat_h: Final[int]
-    feat_w: Final[int]
-    share_query_trunk: Final[bool]
     embed_dim: Final[int]
     key_dim: Final[int]
     value_dim: Final[int]
@@ -57,33 +52,19 @@ class PoseRegression(nn.Module):
     def __init__(self, *, image_height: int = 32, image_width: int = 32, share_query_trunk: bool = True) -> None:
         super().__init__()
         self.kind = "regression"
-        self.image_height, self.image_width = image_height, image_width
-        self.feat_h, self.feat_w = output_hw(image_height, image_width)
-        self.share_query_trunk = share_query_trunk
+        self._set_image(image_height, image_width, share_query_trunk)
         self.embed_dim, self.key_dim, self.value_dim, self.pose_dim = EMBED_DIM, KEY_DIM, VALUE_DIM, POSE_DIM
-        self.cnn1_trunk = conv_stack(3, CNN1[:3])
-        self.cnn1_tail = conv_stack(CNN1[2][0], CNN1[3:])
+        self.cnn1_trunk, self.cnn1_tail = embedding_nets()
         self.cnn2 = conv_stack(EMBED_DIM + POSE_DIM, CNN2)
         self.cnn3 = conv_stack(3, CNN3)
         self.cnn4 = conv_stack(EMBED_DIM, CNN4)
-        self.cnn5_trunk = nn.Sequential() if share_query_trunk else conv_stack(3, CNN5[:3])
-        self.cnn5_head = conv_stack(CNN5[2][0], CNN5[3:])
+        self.cnn5_trunk, self.cnn5_head = query_nets(share_query_trunk)
         self.cnn6 = conv_stack(VALUE_DIM + KEY_DIM + QUERY_DIM, CNN6)
-        self.fc = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(CNN6[-1][0] * self.feat_h * self.feat_w, FC_DIM),
-            nn.ReLU(),
-            nn.Linear(FC_DIM, 3),  # (dx, dy, dψ) in the previous estimate's frame
-        )
+        self.fc = fc_head(CNN6[-1][0] * self.feat_h * self.feat_w, 3)  # (dx, dy, dψ) in the previous estimate's frame
         init_weights(self)
         with torch.no_grad():
             self.fc[3].weight.mul_(HEAD_INIT_GAIN)
         self.attn_scale = 1.0 / math.sqrt(KEY_DIM * self.feat_h * self.feat_w)
-
-    @torch.jit.export
-    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
-        """CNN1: ``(N, 3, H, W) -> (N, 64, h, w)``, the view-embedding map's entries."""
-        return self.cnn1_tail(self.cnn1_trunk(images - 0.5))
 
     @torch.jit.export
     def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +72,6 @@ class PoseRegression(nn.Module):
         b, n = embeddings.shape[0], embeddings.shape[1]
         u = self.cnn4(embeddings.reshape(b * n, self.embed_dim, self.feat_h, self.feat_w))
         return embeddings, u.reshape(b, n, u.shape[1], self.feat_h, self.feat_w)
-
-    def query_trunk(self, images: torch.Tensor) -> torch.Tensor:
-        if self.share_query_trunk:
-            return self.cnn1_trunk(images - 0.5)
-        return self.cnn5_trunk(images - 0.5)
 
     @torch.jit.export
     def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

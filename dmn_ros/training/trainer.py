@@ -49,8 +49,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EpisodeLoss(nn.Module):
-    """Filter an episode batch and return the loss; a module so DistributedDataParallel can wrap it."""
+class _PoseLoss(nn.Module):
+    """Model, config, scale and the prior's spread (normalized) shared by the losses below."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> None:
         super().__init__()
@@ -59,6 +59,20 @@ class EpisodeLoss(nn.Module):
         self.scale = scale
         s = cfg.init_std
         self.init_std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))
+
+    def initial_mean(self, truth: torch.Tensor) -> torch.Tensor:
+        """The prior's mean ``(B, 3)``: the true first pose, drawn around it with ``init_std`` if ``init_offset``."""
+        mean = truth[:, 0]
+        if self.cfg.init_offset:
+            mean = mean + torch.randn_like(mean) * mean.new_tensor(self.init_std)
+        return mean
+
+
+class EpisodeLoss(_PoseLoss):
+    """Filter an episode batch and return the loss; a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> None:
+        super().__init__(model, cfg, scale)
         n = cfg.transition_noise
         self.filter_cfg = FilterConfig(
             transition_noise=(n[0] / scale.meters_per_unit, n[1] / scale.meters_per_unit, math.radians(n[2])),
@@ -69,9 +83,7 @@ class EpisodeLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(loss, mse of the last step)``; batch tensors are already normalized."""
         truth = batch["query_poses"]  # (B, T, 3)
-        mean = truth[:, 0]
-        if self.cfg.init_offset:
-            mean = mean + torch.randn_like(mean) * mean.new_tensor(self.init_std)
+        mean = self.initial_mean(truth)
         belief = init_gaussian(mean=mean, std=self.init_std, num_particles=self.cfg.num_particles)
         pm = encode_map(self.model, images=batch["context_images"], poses=batch["context_poses"])
         results, _ = run_episode(
@@ -96,7 +108,7 @@ class EpisodeLoss(nn.Module):
         return loss / len(results), mse_last.detach()
 
 
-class RegressionLoss(nn.Module):
+class RegressionLoss(_PoseLoss):
     """The regression baseline's loss: the same pose MSE, on the regressed pose (no particles, no weights).
 
     The one "particle" starts at the prior's mean (``init_offset`` draws it around the
@@ -104,21 +116,14 @@ class RegressionLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> None:
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.scale = scale
-        s = cfg.init_std
-        self.init_std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))
+        super().__init__(model, cfg, scale)
         if cfg.nll_weight > 0:
             log.warning("nll_weight is ignored by the regression model: it has no particle mixture")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(loss, mse of the last step)``, as :meth:`EpisodeLoss.forward`."""
         truth = batch["query_poses"]
-        initial = truth[:, 0]
-        if self.cfg.init_offset:
-            initial = initial + torch.randn_like(initial) * initial.new_tensor(self.init_std)
+        initial = self.initial_mean(truth)
         ctx = batch["context_images"]
         b, n = ctx.shape[:2]
         emb = self.model.embed_views(ctx.flatten(0, 1))
