@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-reference-rows", type=int, default=2048 * 16,
                    help="skip the reference where K*Nc exceeds this (it is slow and memory hungry)")
+    p.add_argument("--max-loop-reference-k", type=int, default=256,
+                   help="time the one-particle-at-a-time reference only up to this K (it is linear in K)")
     p.add_argument("--max-seconds-per-cell", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--nearest", type=int, default=8, help="also time nearest-M attention where Nc > M (0: off)")
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 paths.append((f"fast, nearest {args.nearest}", model, args.nearest))
             for name, m, nearest in paths:
                 if name.startswith("reference") and k * nc > args.max_reference_rows:
+                    continue
+                if name == "reference, per particle" and k > args.max_loop_reference_k:
                     continue
                 if skip_k.get(name, 10**9) <= k * nc:
                     continue
