@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dmn_ros.evaluation import (
     EvalSettings,
@@ -69,6 +70,8 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
     assert set(summary["success_t5_vs_Nc"]) == {"1", "2"}
     md = (out / "results.md").read_text()
     assert "| DMN |" in md
+    assert len(summary["truth_rank"]) == 1 and 0.0 <= summary["truth_rank"][0] <= 1.0
+    assert "Observation-model ranking" in md
     # health metrics of the same runs (docs/health.md): keys present, values finite or None as documented
     h = summary["health"]
     for mode in ("global", "tracking"):
@@ -108,3 +111,51 @@ def test_health_metrics_hand_checked() -> None:
     assert m["coverage_95"] == pytest.approx(1.0) and m["mean_nees"] == pytest.approx(3.5 / 4)
     assert m["converged_at_step"] == [3, 2] and m["converged_share"] == 1.0 and m["converged_at_step_mean"] == 2.5
     assert m["false_lost_rate"] == 0.5
+
+
+class _DistanceModel(torch.nn.Module):
+    """Observation model whose log-likelihood is minus the distance to a fixed pose (or a constant)."""
+
+    def __init__(self, target: torch.Tensor | None) -> None:
+        super().__init__()
+        self.dmn = DMN()
+        self.target = target
+
+    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
+        return self.dmn.embed_views(images)
+
+    def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dmn.prepare_map(embeddings)
+
+    def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dmn.prepare_query(query)
+
+    def log_likelihood_prepared(self, map_a, map_g, context_poses, q, hq, particles, nearest=0):
+        if self.target is None:
+            return torch.zeros(particles.shape[:2])
+        return -(particles - self.target).norm(dim=-1)
+
+
+def test_truth_rank_by_construction(tiny_dataset: Path) -> None:
+    import dataclasses
+
+    from dmn_ros.evaluation.ranking import truth_rank
+
+    eps = make_episode_set(str(tiny_dataset), num_episodes=2, num_contexts=4, T=1, seed=0)
+    for e in eps.episodes:
+        one = dataclasses.replace(eps, episodes=[e])
+        truth = torch.from_numpy(eps.scale.to_normalized(e.query_poses[0])).float()
+        # Scored by closeness to the truth: every random pose is below it.
+        assert truth_rank(_DistanceModel(truth), one, num_contexts=4, num_random=63).tolist() == [1.0]
+        # Scored by closeness to the same place with the opposite yaw: the truth is neither best nor worst.
+        far = truth + torch.tensor([0.0, 0.0, math.pi])  # same place, opposite yaw
+        r = truth_rank(_DistanceModel(far), one, num_contexts=4, num_random=255)[0]
+        assert 0.0 < r < 1.0
+    # A constant model ranks nothing strictly below the truth.
+    assert truth_rank(_DistanceModel(None), eps, num_contexts=4, num_random=31).tolist() == [0.0, 0.0]
+    # The real model: a share in [0, 1], deterministic for a seed.
+    torch.manual_seed(0)
+    dmn = DMN().eval()
+    a = truth_rank(dmn, eps, num_contexts=4, seed=3)
+    assert a.shape == (2,) and ((a >= 0) & (a <= 1)).all()
+    assert (truth_rank(dmn, eps, num_contexts=4, seed=3) == a).all()
