@@ -554,8 +554,11 @@ def test_soak_60s_no_crash_no_rss_growth(untrained):
     print(rows)
     assert s["executor_alive"], rows
     c = s["counters"]
-    # Liveness, not speed (bench/ measures speed): on a busy CI machine the worker still runs >= 0.5 Hz.
-    assert c["processed"] > 30 and c["step_errors"] == 0 and c["bad_images"] == 0, c
+    # Liveness, not speed (bench/ measures speed). All nodes and the 30/50 Hz publisher share one Python process
+    # (one GIL) here, so odometry callbacks fall behind the camera; since a frame now waits for the odometry
+    # stamped with it (test_bags live replay), this harness processes 0.5-0.7 Hz (29-39 of ~850 frames in 60 s,
+    # docs/RELIABILITY.md). The bound asserts the worker keeps running: >= 0.25 Hz.
+    assert c["processed"] >= 15 and c["step_errors"] == 0 and c["bad_images"] == 0, c
     assert c["dropped_newer_frame"] > 0  # 30 Hz into a 20 Hz worker: newest-only, not a queue
     handled = sum(c[k] for k in ("processed", "dropped_newer_frame", "dropped_not_ready", "no_odom", "out_of_order",
                                  "skipped_small_motion"))
