@@ -562,6 +562,9 @@ def test_soak_60s_no_crash_no_rss_growth(untrained):
     assert c["dropped_newer_frame"] > 0  # 30 Hz into a 20 Hz worker: newest-only, not a queue
     handled = sum(c[k] for k in ("processed", "dropped_newer_frame", "dropped_not_ready", "no_odom", "out_of_order",
                                  "skipped_small_motion"))
-    assert c["frames"] - 1 <= handled <= c["frames"], c  # all accounted for (one may be pending at the end)
+    from dmn_ros.ros.localization_node import MAX_WAITING_FRAMES
+
+    # All accounted for; at the end up to MAX_WAITING_FRAMES may still wait for their odometry.
+    assert c["frames"] - MAX_WAITING_FRAMES <= handled <= c["frames"], c
     assert s["map_views_end"] == 8  # re-sent contexts replace their views
     assert s["rss_growth_after_warmup_mb"] < SOAK_RSS_GROWTH_MB, res["rows"]
