@@ -13,7 +13,6 @@ os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
 
 import numpy as np
 import pytest
-import torch
 
 from dmn_ros.bags import BagError, BagReadError, MissingTopicError, TruncatedBagError, UnknownMessageTypeError
 from dmn_ros.bags.evaluate import EvalOptions, Mode, evaluate_bag
@@ -21,9 +20,8 @@ from dmn_ros.bags.evaluate import main as eval_main
 from dmn_ros.bags.reader import load_bag
 from dmn_ros.bags.record import RecordConfig, Storage, record_bag, typestore
 from dmn_ros.bags.tum import read_tum
-from dmn_ros.export import default_model_path, export_model, load_model
+from dmn_ros.export import default_model_path, load_model
 from dmn_ros.geometry import wrap_angle
-from dmn_ros.model import DMN
 
 FRAMES = 12
 CONTEXTS = 6
@@ -43,11 +41,9 @@ def bags(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "m.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
+def model(untrained):
+    """The conftest untrained model under this module's name."""
+    return untrained
 
 
 def test_record_writes_both_storages_with_metadata(bags):

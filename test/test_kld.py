@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from dmn_ros.export import export_model, load_model
 from dmn_ros.filter import (
     Belief,
     FilterConfig,
@@ -34,7 +33,6 @@ from dmn_ros.filter.kld import (
 )
 from dmn_ros.localizer import Localizer, LocalizerConfig, embed_images
 from dmn_ros.maps import ViewMap
-from dmn_ros.model import DMN
 
 RAW = KldConfig(min_particles=1, max_particles=10**9)
 """Clamps out of the way: the bare formula (except k ≤ 1)."""
@@ -208,11 +206,9 @@ def test_ess_trigger():
 
 # ---- filter_step and Localizer ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "untrained.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
+def model(untrained):
+    """The conftest untrained model under this module's name."""
+    return untrained
 
 
 def test_filter_step_kld_mode(model):

@@ -9,19 +9,16 @@ import pytest
 import torch
 
 from dmn_ros.errors import FingerprintMismatchError
-from dmn_ros.export import default_model_path, export_model, load_model
+from dmn_ros.export import default_model_path, load_model
 from dmn_ros.geometry import compose
 from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, NotReadyError, embed_images
 from dmn_ros.maps import ViewMap
-from dmn_ros.model import DMN
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "untrained.pt"
-    export_model(DMN(), path, meters_per_unit=20.0)
-    return load_model(path)
+def model(untrained):
+    """The conftest untrained model under this module's name."""
+    return untrained
 
 
 def _images(n: int, seed: int = 0, size: int = 32) -> list[np.ndarray]:
