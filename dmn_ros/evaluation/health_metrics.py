@@ -11,27 +11,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dmn_ros.evaluation.protocol import EpisodeSet, EvalSettings
+from dmn_ros.evaluation.protocol import EpisodeSet, EvalSettings, filter_steps
 from dmn_ros.filter import (
     Belief,
-    FilterConfig,
     HealthConfig,
     HealthState,
     assess,
-    encode_map,
-    filter_step,
-    init_gaussian,
-    init_uniform,
     marginal_log_likelihood,
 )
 from dmn_ros.filter.runner import ObservationModel
-from dmn_ros.geometry import compose
 
 __all__ = [
     "CHI2_2DOF_95",
@@ -168,68 +161,34 @@ def collect_runs(
 ) -> Runs:
     """The evaluation protocol's filter (same priors, noise, systematic resampling) keeping covariance and health.
 
-    Same generator draws as :func:`~dmn_ros.evaluation.protocol.run_filter`, so ``errors_m`` equals its
-    errors exactly; ``dmn-eval`` therefore gets its headline numbers and the health metrics from one run.
+    It reads the same loop as :func:`~dmn_ros.evaluation.protocol.run_filter`
+    (:func:`~dmn_ros.evaluation.protocol.filter_steps`), so ``errors_m`` equals its errors exactly;
+    ``dmn-eval`` therefore gets its headline numbers and the health metrics from one run.
     """
     health = health or HealthConfig()
-    dev = torch.device(device)
     scale = episodes.scale
     mpu = scale.meters_per_unit
-    g = torch.Generator(device=dev).manual_seed(settings.seed)
-    n = settings.transition_noise
-    cfg = FilterConfig(transition_noise=(n[0] / mpu, n[1] / mpu, math.radians(n[2])), resampling="systematic",
-                       nearest_contexts=settings.nearest_contexts, likelihood_scale=settings.likelihood_scale)
-    s = settings.tracking_std
-    std = (s[0] / mpu, s[1] / mpu, math.radians(s[2]))
-    xmin, xmax, ymin, ymax = episodes.bounds
-    nb = ((xmin - scale.origin_x) / mpu, (xmax - scale.origin_x) / mpu,
-          (ymin - scale.origin_y) / mpu, (ymax - scale.origin_y) / mpu)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "cov", "truth", "conv", "lost", "ll")}
-    eps = episodes.episodes
-    nc, big_t = settings.num_contexts, settings.T
-    for start in range(0, len(eps), settings.batch_episodes):
-        chunk = eps[start : start + settings.batch_episodes]
-        b = len(chunk)
-        ctx = torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(dev)
-        cpose = torch.stack([torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float()
-        truth = np.stack([e.query_poses[:big_t] for e in chunk])
-        ego = torch.stack([torch.from_numpy(scale.delta_to_normalized(e.egomotion[:big_t])) for e in chunk])
-        queries = torch.stack([_images(e.query_images[:big_t]) for e in chunk]).to(dev)
-        pm = encode_map(model, images=ctx, poses=cpose.to(dev))
-        if settings.mode == "global":
-            belief = init_uniform(batch=b, num_particles=settings.num_particles, bounds=nb, generator=g, device=dev)
-        elif settings.mode == "tracking":
-            t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
-            offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
-            # compose(t0, 0) as run_filter writes it (it re-wraps the yaw), so both draw bit-identical particles
-            belief = init_gaussian(mean=compose(t0, torch.zeros_like(t0)) + offset, std=std,
-                                   num_particles=settings.num_particles, generator=g)
-        else:
-            raise ValueError(f"unknown mode {settings.mode!r}")
-        states = [HealthState() for _ in range(b)]
-        mean = np.zeros((b, big_t, 3))
-        cov = np.zeros((b, big_t, 3, 3))
-        conv = np.zeros((b, big_t), dtype=bool)
-        lost = np.zeros((b, big_t), dtype=bool)
-        lls = np.zeros((b, big_t))
-        for t in range(big_t):
-            prev_lw = belief.log_weights
-            res = filter_step(model, belief=belief, prepared_map=pm, query=queries[:, t],
-                              egomotion=None if t == 0 else ego[:, t].float().to(dev), config=cfg, generator=g)
-            belief = res.belief
-            marg = marginal_log_likelihood(prev_lw, res.log_likelihood)
-            mean[:, t] = scale.to_metric(res.mean.double().cpu().numpy())
-            c = res.covariance.double().cpu().numpy()
-            c[:, :2, :] *= mpu
-            c[:, :, :2] *= mpu
-            cov[:, t] = c
-            for i in range(b):
-                one = Belief(res.updated.particles[i : i + 1], res.updated.log_weights[i : i + 1])
-                states[i], h = assess(states[i], updated=one, log_marginal=float(marg[i]), meters_per_unit=mpu,
-                                      config=health)
-                conv[i, t], lost[i, t], lls[i, t] = h.converged, h.lost, h.log_likelihood
-        for k, v in zip(("mean", "cov", "truth", "conv", "lost", "ll"), (mean, cov, truth, conv, lost, lls),
-                        strict=True):
-            out[k].append(v)
+    big_t = settings.T
+    for batch, t, prev_lw, res in filter_steps(model, episodes, settings, device=device):
+        b = batch.truth.shape[0]
+        if t == 0:
+            states = [HealthState() for _ in range(b)]
+            arrays = (np.zeros((b, big_t, 3)), np.zeros((b, big_t, 3, 3)), batch.truth,
+                      np.zeros((b, big_t), dtype=bool), np.zeros((b, big_t), dtype=bool), np.zeros((b, big_t)))
+            for k, v in zip(("mean", "cov", "truth", "conv", "lost", "ll"), arrays, strict=True):
+                out[k].append(v)
+        mean, cov, conv, lost, lls = out["mean"][-1], out["cov"][-1], out["conv"][-1], out["lost"][-1], out["ll"][-1]
+        marg = marginal_log_likelihood(prev_lw, res.log_likelihood)
+        mean[:, t] = scale.to_metric(res.mean.double().cpu().numpy())
+        c = res.covariance.double().cpu().numpy()
+        c[:, :2, :] *= mpu
+        c[:, :, :2] *= mpu
+        cov[:, t] = c
+        for i in range(b):
+            one = Belief(res.updated.particles[i : i + 1], res.updated.log_weights[i : i + 1])
+            states[i], h = assess(states[i], updated=one, log_marginal=float(marg[i]), meters_per_unit=mpu,
+                                  config=health)
+            conv[i, t], lost[i, t], lls[i, t] = h.converged, h.lost, h.log_likelihood
     cat = {k: np.concatenate(v, axis=0) for k, v in out.items()}
     return Runs(cat["mean"], cat["cov"], cat["truth"], cat["conv"], cat["lost"], cat["ll"])

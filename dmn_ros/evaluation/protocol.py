@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from dmn_ros.data import DatasetDir
 from dmn_ros.data.episodes import Episode, sample_episode_from_views
 from dmn_ros.filter import FilterConfig, encode_map, filter_step, init_gaussian, init_uniform
-from dmn_ros.filter.runner import ObservationModel
+from dmn_ros.filter.runner import ObservationModel, StepResult
 from dmn_ros.geometry import MetricScale, compose
 
 PAPER_SUCCESS_M = 8.94  # sqrt(80 m²) in the paper's 40 m × 40 m environments
@@ -100,6 +101,87 @@ def _images(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
 
 
+class EpisodeBatch(NamedTuple):
+    """Up to ``settings.batch_episodes`` episodes as model inputs (normalized poses) plus the metric truth."""
+
+    contexts: torch.Tensor
+    """``(B, Nc, 3, H, W)``."""
+    context_poses: torch.Tensor
+    """``(B, Nc, 3)``."""
+    queries: torch.Tensor
+    """``(B, T, 3, H, W)``."""
+    egomotion: torch.Tensor
+    """``(B, T, 3)``."""
+    truth: np.ndarray
+    """``(B, T, 3)`` metric ground truth."""
+
+
+def episode_batches(episodes: EpisodeSet, settings: EvalSettings, device: torch.device) -> Iterator[EpisodeBatch]:
+    """The first ``num_contexts`` contexts and ``T`` frames of each episode, ``batch_episodes`` at a time."""
+    scale, nc, big_t = episodes.scale, settings.num_contexts, settings.T
+    eps = episodes.episodes
+    for start in range(0, len(eps), settings.batch_episodes):
+        chunk = eps[start : start + settings.batch_episodes]
+        yield EpisodeBatch(
+            contexts=torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(device),
+            context_poses=torch.stack(
+                [torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float().to(device),
+            queries=torch.stack([_images(e.query_images[:big_t]) for e in chunk]).to(device),
+            egomotion=torch.stack(
+                [torch.from_numpy(scale.delta_to_normalized(e.egomotion[:big_t])) for e in chunk]).float().to(device),
+            truth=np.stack([e.query_poses[:big_t] for e in chunk]),
+        )
+
+
+def filter_steps(
+    model: ObservationModel,
+    episodes: EpisodeSet,
+    settings: EvalSettings,
+    *,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[EpisodeBatch, int, torch.Tensor, StepResult]]:
+    """The protocol's filter, one ``(batch, t, log weights before the update, step result)`` per step.
+
+    One seeded generator for priors, motion noise and resampling; :func:`run_filter` and
+    :func:`~dmn_ros.evaluation.health_metrics.collect_runs` both read this one loop.
+    """
+    dev = torch.device(device)
+    scale = episodes.scale
+    mpu = scale.meters_per_unit
+    g = torch.Generator(device=dev).manual_seed(settings.seed)
+    n = settings.transition_noise
+    cfg = FilterConfig(
+        transition_noise=(n[0] / mpu, n[1] / mpu, math.radians(n[2])),
+        resampling="systematic",
+        nearest_contexts=settings.nearest_contexts,
+        likelihood_scale=settings.likelihood_scale,
+    )
+    s = settings.tracking_std
+    std = (s[0] / mpu, s[1] / mpu, math.radians(s[2]))
+    xmin, xmax, ymin, ymax = episodes.bounds
+    norm_bounds = ((xmin - scale.origin_x) / mpu, (xmax - scale.origin_x) / mpu,
+                   (ymin - scale.origin_y) / mpu, (ymax - scale.origin_y) / mpu)
+    for batch in episode_batches(episodes, settings, dev):
+        b = batch.truth.shape[0]
+        pm = encode_map(model, images=batch.contexts, poses=batch.context_poses)
+        if settings.mode == "global":
+            belief = init_uniform(batch=b, num_particles=settings.num_particles, bounds=norm_bounds, generator=g,
+                                  device=dev)
+        elif settings.mode == "tracking":
+            t0 = torch.from_numpy(scale.to_normalized(batch.truth[:, 0])).float().to(dev)
+            offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
+            belief = init_gaussian(mean=compose(t0, torch.zeros_like(t0)) + offset, std=std,
+                                   num_particles=settings.num_particles, generator=g)
+        else:
+            raise ValueError(f"unknown mode {settings.mode!r}")
+        for t in range(settings.T):
+            prev_log_weights = belief.log_weights
+            res = filter_step(model, belief=belief, prepared_map=pm, query=batch.queries[:, t],
+                              egomotion=None if t == 0 else batch.egomotion[:, t], config=cfg, generator=g)
+            belief = res.belief
+            yield batch, t, prev_log_weights, res
+
+
 @torch.inference_mode()
 def run_filter(
     model: ObservationModel,
@@ -109,52 +191,12 @@ def run_filter(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """x-y errors in meters, ``(E, T)``, of the filter's estimate on each episode and step."""
-    dev = torch.device(device)
-    scale = episodes.scale
-    g = torch.Generator(device=dev).manual_seed(settings.seed)
-    n = settings.transition_noise
-    cfg = FilterConfig(
-        transition_noise=(n[0] / scale.meters_per_unit, n[1] / scale.meters_per_unit, math.radians(n[2])),
-        resampling="systematic",
-        nearest_contexts=settings.nearest_contexts,
-        likelihood_scale=settings.likelihood_scale,
-    )
-    s = settings.tracking_std
-    std = (s[0] / scale.meters_per_unit, s[1] / scale.meters_per_unit, math.radians(s[2]))
-    norm_bounds = tuple(
-        (v - o) / scale.meters_per_unit
-        for v, o in zip(episodes.bounds, (scale.origin_x, scale.origin_x, scale.origin_y, scale.origin_y), strict=True)
-    )
-    errors = []
-    eps = episodes.episodes
-    for start in range(0, len(eps), settings.batch_episodes):
-        chunk = eps[start : start + settings.batch_episodes]
-        b = len(chunk)
-        nc = settings.num_contexts
-        ctx = torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(dev)
-        cpose = torch.stack([torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float()
-        truth = np.stack([e.query_poses[: settings.T] for e in chunk])  # (B, T, 3) metric
-        ego = torch.stack([torch.from_numpy(scale.delta_to_normalized(e.egomotion[: settings.T])) for e in chunk])
-        queries = torch.stack([_images(e.query_images[: settings.T]) for e in chunk]).to(dev)
-        pm = encode_map(model, images=ctx, poses=cpose.to(dev))
-        if settings.mode == "global":
-            belief = init_uniform(batch=b, num_particles=settings.num_particles, bounds=norm_bounds,  # type: ignore[arg-type]
-                                  generator=g, device=dev)
-        elif settings.mode == "tracking":
-            t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
-            offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
-            belief = init_gaussian(mean=compose(t0, torch.zeros_like(t0)) + offset, std=std,
-                                   num_particles=settings.num_particles, generator=g)
-        else:
-            raise ValueError(f"unknown mode {settings.mode!r}")
-        errs = np.zeros((b, settings.T))
-        for t in range(settings.T):
-            res = filter_step(model, belief=belief, prepared_map=pm, query=queries[:, t],
-                              egomotion=None if t == 0 else ego[:, t].float().to(dev), config=cfg, generator=g)
-            belief = res.belief
-            est = scale.to_metric(res.mean.double().cpu().numpy())
-            errs[:, t] = np.hypot(est[:, 0] - truth[:, t, 0], est[:, 1] - truth[:, t, 1])
-        errors.append(errs)
+    errors: list[np.ndarray] = []
+    for batch, t, _, res in filter_steps(model, episodes, settings, device=device):
+        if t == 0:
+            errors.append(np.zeros(batch.truth.shape[:2]))
+        est = episodes.scale.to_metric(res.mean.double().cpu().numpy())
+        errors[-1][:, t] = np.hypot(est[:, 0] - batch.truth[:, t, 0], est[:, 1] - batch.truth[:, t, 1])
     return np.concatenate(errors, axis=0)
 
 
@@ -183,17 +225,11 @@ def run_regression(
     cx = 0.5 * (episodes.bounds[0] + episodes.bounds[1])
     cy = 0.5 * (episodes.bounds[2] + episodes.bounds[3])
     center = torch.from_numpy(scale.to_normalized(np.array([cx, cy, 0.0]))).float().to(dev)
-    nc = settings.num_contexts
     errors = []
-    for start in range(0, len(episodes.episodes), settings.batch_episodes):
-        chunk = episodes.episodes[start : start + settings.batch_episodes]
-        b = len(chunk)
-        ctx = torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(dev)
-        cpose = torch.stack([torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float()
-        truth = np.stack([e.query_poses[: settings.T] for e in chunk])  # (B, T, 3) metric
-        ego = torch.stack([torch.from_numpy(scale.delta_to_normalized(e.egomotion[: settings.T])) for e in chunk])
-        queries = torch.stack([_images(e.query_images[: settings.T]) for e in chunk]).to(dev)
-        emb = model.embed_views(ctx.flatten(0, 1))
+    for batch in episode_batches(episodes, settings, dev):
+        b, nc = batch.contexts.shape[:2]
+        truth = batch.truth
+        emb = model.embed_views(batch.contexts.flatten(0, 1))
         map_v, map_u = model.prepare_map(emb.reshape(b, nc, *emb.shape[1:]))
         if settings.mode == "global":
             initial = center.expand(b, 3)
@@ -202,8 +238,8 @@ def run_regression(
             initial = t0 + torch.randn(b, 3, generator=g, device=dev) * std
         else:
             raise ValueError(f"unknown mode {settings.mode!r}")
-        estimates = regress_sequence(model, map_v=map_v, map_u=map_u, context_poses=cpose.to(dev), queries=queries,
-                                     egomotion=ego.float().to(dev), initial=initial)
+        estimates = regress_sequence(model, map_v=map_v, map_u=map_u, context_poses=batch.context_poses,
+                                     queries=batch.queries, egomotion=batch.egomotion, initial=initial)
         est = scale.to_metric(torch.stack(estimates, dim=1).double().cpu().numpy())  # (B, T, 3)
         errors.append(np.hypot(est[..., 0] - truth[..., 0], est[..., 1] - truth[..., 1]))
     return np.concatenate(errors, axis=0)
