@@ -37,7 +37,12 @@ from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.reader import BagData, PoseStream, find_bags, load_bag
 from dmn_ros.bags.record import KIDNAP_STAMP_KEY
 from dmn_ros.bags.topics import TopicNames
-from dmn_ros.evaluation.health_metrics import COVERAGE_FROM_INDEX, ellipse_coverage, time_to_recover
+from dmn_ros.evaluation.health_metrics import (
+    COVERAGE_FROM_INDEX,
+    ellipse_coverage,
+    time_to_converge,
+    time_to_recover,
+)
 from dmn_ros.evaluation.protocol import rmse, success_rate, success_threshold_m
 from dmn_ros.ros.transforms import OdometryBuffer, interpolate_pose
 
@@ -246,9 +251,8 @@ def health_summary(
     ttr = None if k is None else time_to_recover(err, kidnap_step=k, threshold_m=thr, hold=recover_hold)
     conv_idx = None
     if has_flags and global_start:
-        ok = np.asarray(trace.converged[: n if k is None else k], dtype=bool) & (err[: n if k is None else k] < thr)
-        hits = np.flatnonzero(ok)
-        conv_idx = int(hits[0]) if hits.size else None
+        end = n if k is None else k
+        conv_idx = time_to_converge(trace.converged[:end], err[:end], threshold_m=thr)
     coverage = nees_mean = None
     used = 0
     if len(trace.covariances) == n and n > 0:
