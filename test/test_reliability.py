@@ -495,10 +495,14 @@ def test_peer_disappears_mid_share(untrained, tmp_path):
         r2.close()  # peer2 vanishes mid-stream (its participant is gone without a goodbye)
         stop.set()
         th.join(timeout=5)
-        n = len(m1.view_map)
+        # Batches peer2 sent before it vanished may still arrive: count robot1's own views, not all of them.
+        def own() -> int:
+            return sum(not i.startswith("peer2/") for i in list(m1.view_map.ids))
+
+        n = own()
         r1.wait(lambda: r1.thread.is_alive(), what="robot1 executor alive")
         m1.add_contexts([RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)], np.zeros((1, 3)))
-        r1.wait(lambda: len(m1.view_map) == n + 1, what="robot1 still maps")
+        r1.wait(lambda: own() == n + 1, what="robot1 still maps")
         assert m1.counters["shared_malformed"] == 0
         assert r1.call(Trigger, "/peer1/mapping_node/save_map").success
     finally:
