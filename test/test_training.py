@@ -121,3 +121,65 @@ def test_torchrun_two_processes_gloo(tiny_dataset: Path, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(out / CHECKPOINT_LAST)["step"] == 2
     load_model(out / "model.pt")
+
+
+def _rank_batch(tiny_dataset: Path, cfg) -> dict[str, torch.Tensor]:
+    from dmn_ros.data.torch_dataset import EpisodeDataset
+    from dmn_ros.geometry import MetricScale
+    from dmn_ros.training.trainer import normalize_batch
+
+    ds = EpisodeDataset(str(tiny_dataset), "train", num_contexts=(2, 2), T=1, batch_size=4, context_mode="random",
+                        seed=3)
+    return normalize_batch(next(iter(ds)), MetricScale(20.0), torch.device("cpu"))
+
+
+def test_rank_loss_is_one_at_chance_and_trains_the_observation_model(tiny_dataset: Path) -> None:
+    """Equal log-likelihoods give cross-entropy log(1+M), normalized to exactly 1; Adam steps then lower it."""
+    from dmn_ros.filter import encode_map
+    from dmn_ros.geometry import MetricScale
+    from dmn_ros.training.trainer import EpisodeLoss
+
+    cfg = load_config(None, ["rank_weight=1", "rank_negatives=15", "num_particles=8"])
+    torch.manual_seed(0)
+    model = DMN()
+    crit = EpisodeLoss(model, cfg, MetricScale(20.0))
+    batch = _rank_batch(tiny_dataset, cfg)
+
+    def rank() -> torch.Tensor:
+        pm = encode_map(model, images=batch["context_images"], poses=batch["context_poses"])
+        return crit.rank_loss(pm, batch["query_images"], batch["query_poses"])
+
+    last_fc = model.fc1[-1]
+    with torch.no_grad():
+        saved = last_fc.weight.clone()
+        last_fc.weight.zero_()  # every pose scores the bias: a uniform softmax over 1 + 15 poses
+    assert float(rank().detach()) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        last_fc.weight.copy_(saved)
+
+    loss = rank()
+    loss.backward()
+    grad = model.cnn1_trunk[0].weight.grad  # CNN1: the map side, behind the attention
+    assert grad is not None and grad.abs().sum() > 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    first = float(rank().detach())
+    for _ in range(20):  # the same batch: the true poses must come to outscore the negatives
+        opt.zero_grad()
+        rank().backward()
+        opt.step()
+    torch.manual_seed(1)  # the same negatives as `first`
+    assert float(rank().detach()) < 0.8 * first
+
+
+def test_truth_rank_selects_the_best_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rank"
+    cfg = load_config(None, [f"data={tiny_dataset}", f"out={out}", "max_steps=2", *SMALL, "val_every=1",
+                             "rank_weight=1", "rank_negatives=7", "val_metric=truth_rank",
+                             "curriculum=[{until_step: 100, context_mode: random, num_contexts: [2, 2]}]"])
+    train(cfg, progress=False)
+    best = load_checkpoint(out / CHECKPOINT_BEST)
+    assert -1.0 <= best["best_val"] <= 0.0  # minus the truth rank, a share in [0, 1]
+    assert load_checkpoint(out / CHECKPOINT_LAST)["best_val"] <= best["best_val"]
+    with pytest.raises(ValueError, match="val_metric"):
+        load_config(None, ["val_metric=accuracy"])

@@ -26,6 +26,9 @@ class Stage:
     """Nc is drawn per batch from this inclusive range (GQN-style, so any Nc works at test time)."""
 
 
+VAL_METRICS = ("loss", "truth_rank")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "/work/cache/maze32"
@@ -61,6 +64,18 @@ class TrainConfig:
     """Weight of the mixture NLL added to the paper's MSE (0 disables it)."""
     nll_std: tuple[float, float] = (1.0, 10.0)
     """Kernel σ of the NLL in meters and degrees."""
+    rank_weight: float = 0.0
+    """Weight of a contrastive term on the observation model (0 disables it): the cross-entropy of the
+    true pose against ``rank_negatives`` uniform poses, divided by its chance level log(1 + negatives).
+
+    Jonschkowski et al. train DPF measurement models this way. Through the filter, the MSE only
+    sees the K prior particles around the truth; this term asks directly for what global
+    localization needs, the true place scoring above every other place of the map.
+    """
+    rank_negatives: int = 31
+    val_metric: str = "loss"
+    """What chooses ``checkpoint_best``: ``loss`` (the paper's validation loss, lower is better) or
+    ``truth_rank`` (:func:`dmn_ros.evaluation.ranking.truth_rank` on val episodes, higher is better)."""
     query_mode: str = "segment"
     odom_noise: tuple[float, float] = (0.0, 0.0)
     curriculum: tuple[Stage, ...] = (Stage(until_step=10**9),)
@@ -126,4 +141,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return TrainConfig(**{k: _coerce(k, v) for k, v in raw.items()})
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in raw.items()})
+    if cfg.val_metric not in VAL_METRICS:
+        raise ValueError(f"val_metric must be one of {VAL_METRICS}, got {cfg.val_metric!r}")
+    if cfg.rank_weight > 0 and cfg.rank_negatives < 1:
+        raise ValueError(f"rank_negatives must be >= 1 when rank_weight > 0, got {cfg.rank_negatives}")
+    return cfg

@@ -30,7 +30,7 @@ from torch import nn
 from dmn_ros.data import DatasetDir
 from dmn_ros.data.torch_dataset import EpisodeDataset
 from dmn_ros.export import atomic_write_bytes, export_model
-from dmn_ros.filter import FilterConfig, encode_map, init_gaussian, run_episode
+from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, run_episode
 from dmn_ros.geometry import MetricScale
 from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
 from dmn_ros.model.kinds import constructor_args
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
+RANK_NC = 16
+"""Contexts per episode for ``val_metric=truth_rank`` (the paper's evaluation Nc)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,10 +71,15 @@ class _PoseLoss(nn.Module):
 
 
 class EpisodeLoss(_PoseLoss):
-    """Filter an episode batch and return the loss; a module so DistributedDataParallel can wrap it."""
+    """Filter an episode batch and return the loss; a module so DistributedDataParallel can wrap it.
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> None:
+    ``bounds`` (normalized ``xmin, xmax, ymin, ymax``) is where ``rank_weight``'s negatives are drawn.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, scale: MetricScale,
+                 bounds: tuple[float, float, float, float] = (-1.0, 1.0, -1.0, 1.0)) -> None:
         super().__init__(model, cfg, scale)
+        self.bounds = bounds
         n = cfg.transition_noise
         self.filter_cfg = FilterConfig(
             transition_noise=(n[0] / scale.meters_per_unit, n[1] / scale.meters_per_unit, math.radians(n[2])),
@@ -105,7 +112,26 @@ class EpisodeLoss(_PoseLoss):
                 loss = loss + self.cfg.nll_weight * mixture_nll(res.updated, truth[:, t], std_xy=std_xy,
                                                                 std_yaw=std_yaw)
             mse_last = mse
-        return loss / len(results), mse_last.detach()
+        loss = loss / len(results)
+        if self.cfg.rank_weight > 0:
+            loss = loss + self.cfg.rank_weight * self.rank_loss(pm, batch["query_images"], truth)
+        return loss, mse_last.detach()
+
+    def rank_loss(self, pm: PreparedMap, queries: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Mean over steps of the true pose's cross-entropy against uniform negatives, 1.0 at chance."""
+        b, steps = truth.shape[:2]
+        m = self.cfg.rank_negatives
+        xmin, xmax, ymin, ymax = self.bounds
+        lo = truth.new_tensor([xmin, ymin, -math.pi])
+        hi = truth.new_tensor([xmax, ymax, math.pi])
+        total = truth.new_zeros(())
+        for t in range(steps):
+            negatives = lo + (hi - lo) * torch.rand(b, m, 3, device=truth.device, dtype=truth.dtype)
+            poses = torch.cat([truth[:, t : t + 1], negatives], dim=1)
+            q, hq = self.model.prepare_query(queries[:, t])
+            ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, poses, 0)
+            total = total - torch.log_softmax(ll, dim=1)[:, 0].mean()
+        return total / (steps * math.log(1 + m))
 
 
 class RegressionLoss(_PoseLoss):
@@ -134,11 +160,14 @@ class RegressionLoss(_PoseLoss):
         return torch.stack(losses).mean(), losses[-1].detach()
 
 
-def make_loss(model: nn.Module, cfg: TrainConfig, scale: MetricScale) -> nn.Module:
+def make_loss(model: nn.Module, cfg: TrainConfig, scale: MetricScale,
+              bounds: tuple[float, float, float, float] = (-1.0, 1.0, -1.0, 1.0)) -> nn.Module:
     """:class:`EpisodeLoss` for the particle-filter kinds, :class:`RegressionLoss` for ``regression``."""
     kind = model_config(model)["kind"]
     if kind in PARTICLE_FILTER_KINDS:
-        return EpisodeLoss(model, cfg, scale)
+        return EpisodeLoss(model, cfg, scale, bounds)
+    if cfg.rank_weight > 0:
+        log.warning("rank_weight is ignored by the regression model: it scores no poses")
     return RegressionLoss(model, cfg, scale)
 
 
@@ -305,7 +334,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         if dist_info.is_main:
             log.info("resumed from %s at step %d (best val %.4f)", last_path, step, best_val)
 
-    crit = make_loss(model, cfg, scale)
+    xmin, xmax, ymin, ymax = (float(v) for v in meta.bounds)
+    lo, hi = scale.to_normalized(torch.tensor([xmin, ymin, 0.0])), scale.to_normalized(torch.tensor([xmax, ymax, 0.0]))
+    crit = make_loss(model, cfg, scale, (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])))
     runner: nn.Module = crit
     if dist_info.world_size > 1:
         runner = nn.parallel.DistributedDataParallel(crit, device_ids=[device.index] if device.type == "cuda" else None)
@@ -315,6 +346,12 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
 
         writer = SummaryWriter(str(out / "tb"))
     val_batches = validation_batches(cfg) if dist_info.is_main else []
+    val_ranking = None
+    if dist_info.is_main and cfg.val_metric == "truth_rank":
+        from dmn_ros.evaluation.protocol import make_episode_set
+
+        val_ranking = make_episode_set(cfg.data, split="val", num_episodes=cfg.val_episodes, num_contexts=RANK_NC,
+                                       T=1, seed=20_000 + cfg.seed)
 
     def state_dict() -> dict[str, Any]:
         return {
@@ -390,8 +427,18 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             writer.add_scalar("val/mse", val["mse"], step)
             writer.add_scalar("val/rmse_m", math.sqrt(max(val["mse"], 0.0)) * scale.meters_per_unit, step)
             final_stage = stage == cfg.curriculum[-1]
-            if val["loss"] < best_val:
-                best_val, bad_evals = val["loss"], 0
+            score = val["loss"]  # lower is better
+            if val_ranking is not None:
+                from dmn_ros.evaluation.ranking import truth_rank
+
+                model.eval()
+                rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device).mean())
+                model.train()
+                writer.add_scalar("val/truth_rank", rank, step)
+                log.info("step %d val truth rank %.4f (Nc %d)", step, rank, RANK_NC)
+                score = -rank
+            if score < best_val:
+                best_val, bad_evals = score, 0
                 save_checkpoint(out / CHECKPOINT_BEST, state_dict())
             elif final_stage:  # patience counts only once the paper's protocol is being trained
                 bad_evals += 1
