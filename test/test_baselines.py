@@ -287,3 +287,29 @@ def test_fine_tuning_init_keeps_the_kind(tmp_path: Path) -> None:
         load_init_model(tmp_path / "v.pt", image_size=(32, 32), overrides={"kind": "dmn"})
     # Checkpoints written before kinds existed have no "kind": they are DMNs.
     assert isinstance(model_from_checkpoint({"model_config": DMN().config(), "model": DMN().state_dict()}), DMN)
+
+
+def test_dmn_eval_compare_rows_equal_each_models_own_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    """--compare puts other methods in the same table on the same episodes: each row is that model's own dmn-eval."""
+    from dmn_ros.evaluation.cli import main as eval_main
+
+    torch.manual_seed(0)
+    export_model(DMN(), tmp_path / "dmn.pt", meters_per_unit=20.0)
+    export_model(LatentVectorMap(), tmp_path / "vec.pt", meters_per_unit=20.0)
+    export_model(PoseRegression(), tmp_path / "reg.pt", meters_per_unit=20.0)
+    common = ["--data", str(tiny_dataset), "--episodes", "3", "--T", "5", "--k-global", "32", "--k-tracking", "16",
+              "--no-health"]
+    assert eval_main(["--model", str(tmp_path / "dmn.pt"), "--out", str(tmp_path / "all"), *common,
+                      "--compare", f"latent vector={tmp_path / 'vec.pt'}", "--compare",
+                      f"regression={tmp_path / 'reg.pt'}"]) == 0
+    together = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert list(together["compared"]) == ["latent vector", "regression"]
+    md = (tmp_path / "all" / "results.md").read_text()
+    assert "| latent vector |" in md and "| regression |" in md
+    for label, path in (("latent vector", "vec.pt"), ("regression", "reg.pt")):
+        assert eval_main(["--model", str(tmp_path / path), "--out", str(tmp_path / label), *common]) == 0
+        alone = json.loads((tmp_path / label / "results.json").read_text())
+        assert together["compared"][label]["global_success"] == alone["global_success"]
+        assert together["compared"][label]["tracking_rmse_m"] == alone["tracking_rmse_m"]
+    with pytest.raises(SystemExit, match="LABEL=MODEL"):
+        eval_main(["--model", str(tmp_path / "dmn.pt"), *common, "--compare", str(tmp_path / "vec.pt")])

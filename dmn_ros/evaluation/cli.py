@@ -106,10 +106,24 @@ def health_metrics(runs: list[Runs], *, threshold_m: float, inflations: list[flo
     return out
 
 
+def _compare_arg(text: str, device: str) -> tuple[str, list[LoadedModel]]:
+    """``LABEL=MODEL[,MODEL...]`` → the label and its loaded models (seeds of one kind)."""
+    label, sep, paths = text.partition("=")
+    if not sep or not label.strip() or not paths.strip():
+        raise SystemExit(f"--compare {text!r}: expected LABEL=MODEL[,MODEL...]")
+    models = [load_model(path.strip(), device=device) for path in paths.split(",") if path.strip()]
+    if len({model_kind(m.info.config) for m in models}) > 1:
+        raise SystemExit(f"--compare {label}: the models are seeds of one method; got several kinds")
+    return label.strip(), models
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", action="append", help="exported model(s); several = seeds, averaged")
     p.add_argument("--baseline-model", help="also evaluate this model on the same episodes: a before/after table")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=MODEL[,MODEL...]",
+                   help="another method in the same table, on the same episodes (several models = its seeds); "
+                        "repeatable: the baselines and ablations against --model")
     p.add_argument("--data", default="/work/cache/maze32")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="out/eval")
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(kinds) > 1:
         raise SystemExit(f"--model files are seeds of one method; got kinds {sorted(kinds)}")
     label = METHOD_LABELS[kinds.pop()]
+    compared = [_compare_arg(c, args.device) for c in args.compare]
     max_nc = max([args.nc, *args.nc_sweep])
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
                            T=max(args.T, 5), seed=args.seed)
@@ -166,8 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     un_g = uninformed_errors(eps, EvalSettings(mode="global", T=T, seed=args.seed))
     un_t = uninformed_errors(eps, EvalSettings(mode="tracking", T=5, seed=args.seed))
 
+    g_set = EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc, seed=args.seed)
+    t_set = EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5, num_contexts=args.nc, seed=args.seed)
+    other: dict[str, dict[str, object]] = {}
+    other_rows = []
+    for name, ms in compared:  # the same episodes, settings and seed as --model
+        o_succ = np.stack([success_rate(_run(m, eps, g_set, args.device), thr) for m in ms])
+        o_rmse = np.stack([rmse(_run(m, eps, t_set, args.device)) for m in ms])
+        other[name] = {"models": [m.path for m in ms], "fingerprints": [m.info.fingerprint for m in ms],
+                       "global_success": o_succ.mean(0).tolist(), "tracking_rmse_m": o_rmse.mean(0).tolist()}
+        other_rows.append((name, f"{100 * o_succ[:, 0].mean():.1f}", f"{100 * o_succ[:, 4].mean():.1f}",
+                           f"{o_rmse[:, 4].mean():.2f}"))
     rows = [
         (label, f"{100 * succ[:, 0].mean():.1f}", f"{100 * succ[:, 4].mean():.1f}", f"{trk_rmse[:, 4].mean():.2f}"),
+        *other_rows,
         ("closest context", f"{100 * success_rate(cc, thr)[0]:.1f}", f"{100 * success_rate(cc, thr)[4]:.1f}",
          f"{rmse(cc)[4]:.2f}"),
         ("uninformed", f"{100 * success_rate(un_g, thr)[0]:.1f}", f"{100 * success_rate(un_g, thr)[4]:.1f}",
@@ -204,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "uninformed_tracking_rmse_m": rmse(un_t).tolist(),
         "episode_set": eps.description,
     }
+    if other:
+        summary["compared"] = other
 
     if all(model_kind(m.info.config) in PARTICLE_FILTER_KINDS for m in models):
         ranks = [float(truth_rank(m.module, eps, num_contexts=args.nc, seed=args.seed, device=args.device).mean())
@@ -279,9 +308,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.baseline_model:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes
         base = load_model(args.baseline_model, device=args.device)
-        g_set = EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc, seed=args.seed)
-        t_set = EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5, num_contexts=args.nc,
-                             seed=args.seed)
         b_glob = _run(base, eps, g_set, args.device)
         b_trk = _run(base, eps, t_set, args.device)
         b_succ, b_rmse = success_rate(b_glob, thr), rmse(b_trk)

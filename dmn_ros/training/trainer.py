@@ -337,6 +337,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     xmin, xmax, ymin, ymax = (float(v) for v in meta.bounds)
     lo, hi = scale.to_normalized(torch.tensor([xmin, ymin, 0.0])), scale.to_normalized(torch.tensor([xmax, ymax, 0.0]))
     crit = make_loss(model, cfg, scale, (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])))
+    if cfg.val_metric == "truth_rank" and model_config(model)["kind"] not in PARTICLE_FILTER_KINDS:
+        raise ValueError(f"val_metric=truth_rank needs a model that scores poses; {model_config(model)['kind']} "
+                         "regresses them: use val_metric=loss")
     runner: nn.Module = crit
     if dist_info.world_size > 1:
         runner = nn.parallel.DistributedDataParallel(crit, device_ids=[device.index] if device.type == "cuda" else None)
@@ -442,8 +445,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
                 save_checkpoint(out / CHECKPOINT_BEST, state_dict())
             elif final_stage:  # patience counts only once the paper's protocol is being trained
                 bad_evals += 1
-            log.info("step %d val loss %.4f mse %.4f (best %.4f, bad %d)", step, val["loss"], val["mse"],
-                     best_val, bad_evals)
+            log.info("step %d val loss %.4f mse %.4f (best %s %.4f, bad %d)", step, val["loss"], val["mse"],
+                     cfg.val_metric, abs(best_val) if val_ranking is not None else best_val, bad_evals)
             if bad_evals >= cfg.patience:
                 log.info("early stop: no validation improvement in %d evaluations", cfg.patience)
                 stop = True
