@@ -3,10 +3,10 @@
 The paper's recipe is one-step tracking: a Gaussian prior (σ 6 m, 6 m, 30°)
 around the true pose, K = 32 particles, Nc = 4 contexts, the MSE loss with
 α = 0.5 on the filter's estimate, Adam, early stopping on validation loss.
-On a CPU budget we add a context curriculum and a mixture NLL term (SPEC:
-"A curriculum is likely needed on this budget"); both are in the config and
-default to the paper's recipe when the curriculum has one random stage and
-``nll_weight = 0``.
+On a CPU budget we add a context curriculum, a mixture NLL term and a contrastive
+ranking term (SPEC: "A curriculum is likely needed on this budget"); all are in the
+config and default to the paper's recipe when the curriculum has one random stage and
+``nll_weight = rank_weight = 0``.
 
 ``model.kind`` selects the model (:data:`dmn_ros.model.MODEL_KINDS`): the latent-map
 baselines train through the same filter and loss (:class:`EpisodeLoss`); the regression
