@@ -11,6 +11,7 @@ radians. A pose is the trailing dimension ``(..., 3) = (x, y, yaw)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -168,6 +169,13 @@ class MetricScale:
         x = pose[..., 0] * self.meters_per_unit + self.origin_x
         y = pose[..., 1] * self.meters_per_unit + self.origin_y
         return _stack([x, y, pose[..., 2]], like=pose)
+
+    def bounds_to_normalized(self, bounds: Sequence[float]) -> tuple[float, float, float, float]:
+        """Metric ``(xmin, xmax, ymin, ymax)`` → the same box in normalized coordinates."""
+        xmin, xmax, ymin, ymax = (float(v) for v in bounds)
+        mpu = self.meters_per_unit
+        return ((xmin - self.origin_x) / mpu, (xmax - self.origin_x) / mpu,
+                (ymin - self.origin_y) / mpu, (ymax - self.origin_y) / mpu)
 
     def delta_to_normalized(self, delta: Array) -> Array:
         """Egomotion has no origin: only its translation is scaled."""

@@ -306,13 +306,10 @@ class Localizer:
 
     def init_global(self, bounds: tuple[float, float, float, float] | None = None) -> None:
         """Uniform belief over metric ``bounds = (xmin, xmax, ymin, ymax)`` (default: the map's), all yaws."""
-        xmin, xmax, ymin, ymax = bounds if bounds is not None else self.default_bounds()
-        lo = self.scale.to_normalized(np.array([xmin, ymin, 0.0]))
-        hi = self.scale.to_normalized(np.array([xmax, ymax, 0.0]))
         self.belief = init_uniform(
             batch=1,
             num_particles=self.config.max_particles,
-            bounds=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])),
+            bounds=self.scale.bounds_to_normalized(bounds if bounds is not None else self.default_bounds()),
             generator=self.generator,
             device=self.device,
         )
@@ -431,13 +428,10 @@ class Localizer:
             self.recoveries["global"] += 1
             return "global"
         if health.injection_probability > 0.0 and self.belief is not None:
-            xmin, xmax, ymin, ymax = self.default_bounds()
-            lo = self.scale.to_normalized(np.array([xmin, ymin, 0.0]))
-            hi = self.scale.to_normalized(np.array([xmax, ymax, 0.0]))
             self.belief, count = inject_random_particles(
                 self.belief,
                 probability=health.injection_probability,
-                bounds=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])),
+                bounds=self.scale.bounds_to_normalized(self.default_bounds()),
                 generator=self.generator,
             )
             self.health_state = after_injection(self.health_state)

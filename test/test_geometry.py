@@ -92,5 +92,7 @@ def test_metric_scale_roundtrip():
     np.testing.assert_allclose(n, [[1.0, 0.0, 1.0]])
     np.testing.assert_allclose(s.to_metric(n), pose)
     np.testing.assert_allclose(s.delta_to_normalized(np.array([2.0, 4.0, 0.5])), [0.1, 0.2, 0.5])
+    # (xmin, xmax, ymin, ymax) = (-15, 25, -23, 17) m around origin (5, -3) at 20 m/unit
+    assert s.bounds_to_normalized((-15.0, 25.0, -23.0, 17.0)) == pytest.approx((-1.0, 1.0, -1.0, 1.0))
     with pytest.raises(ValueError):
         MetricScale(meters_per_unit=0.0)

@@ -158,9 +158,7 @@ def filter_steps(
     )
     s = settings.tracking_std
     std = (s[0] / mpu, s[1] / mpu, math.radians(s[2]))
-    xmin, xmax, ymin, ymax = episodes.bounds
-    norm_bounds = ((xmin - scale.origin_x) / mpu, (xmax - scale.origin_x) / mpu,
-                   (ymin - scale.origin_y) / mpu, (ymax - scale.origin_y) / mpu)
+    norm_bounds = scale.bounds_to_normalized(episodes.bounds)
     for batch in episode_batches(episodes, settings, dev):
         b = batch.truth.shape[0]
         pm = encode_map(model, images=batch.contexts, poses=batch.context_poses)

@@ -334,9 +334,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         if dist_info.is_main:
             log.info("resumed from %s at step %d (best val %.4f)", last_path, step, best_val)
 
-    xmin, xmax, ymin, ymax = (float(v) for v in meta.bounds)
-    lo, hi = scale.to_normalized(torch.tensor([xmin, ymin, 0.0])), scale.to_normalized(torch.tensor([xmax, ymax, 0.0]))
-    crit = make_loss(model, cfg, scale, (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])))
+    crit = make_loss(model, cfg, scale, scale.bounds_to_normalized(meta.bounds))
     if cfg.val_metric == "truth_rank" and model_config(model)["kind"] not in PARTICLE_FILTER_KINDS:
         raise ValueError(f"val_metric=truth_rank needs a model that scores poses; {model_config(model)['kind']} "
                          "regresses them: use val_metric=loss")
