@@ -159,3 +159,31 @@ def test_truth_rank_by_construction(tiny_dataset: Path) -> None:
     a = truth_rank(dmn, eps, num_contexts=4, seed=3)
     assert a.shape == (2,) and ((a >= 0) & (a <= 1)).all()
     assert (truth_rank(dmn, eps, num_contexts=4, seed=3) == a).all()
+
+
+class _SpikeModel(_DistanceModel):
+    """Scores 1 exactly at the target pose and 0 elsewhere: a likelihood no filter's particles can find."""
+
+    def log_likelihood_prepared(self, map_a, map_g, context_poses, q, hq, particles, nearest=0):
+        return ((particles - self.target).norm(dim=-1) < 1e-4).float()
+
+
+def test_truth_rank_near_annulus_and_jittered_basin(tiny_dataset: Path) -> None:
+    """The near and basin variants tell a broad peak (closeness) from a spike at the exact truth."""
+    import dataclasses
+
+    from dmn_ros.evaluation.ranking import truth_rank
+
+    eps = make_episode_set(str(tiny_dataset), num_episodes=1, num_contexts=4, T=1, seed=0)
+    e = eps.episodes[0]
+    one = dataclasses.replace(eps, episodes=[e])
+    truth = torch.from_numpy(eps.scale.to_normalized(e.query_poses[0])).float()
+    broad, spike = _DistanceModel(truth), _SpikeModel(truth)
+    # Exactly at the truth both are perfect, against uniform and against poses 1-3 m away.
+    for model in (broad, spike):
+        assert truth_rank(model, one, num_contexts=4, num_random=63).tolist() == [1.0]
+        assert truth_rank(model, one, num_contexts=4, num_random=63, near_radius_m=(1.0, 3.0)).tolist() == [1.0]
+    # Jittered by 0.5 m / 5°, the broad peak still beats nearly every uniform pose; the spike beats none.
+    jitter = (0.5, 0.5, 5.0)
+    assert truth_rank(broad, one, num_contexts=4, num_random=255, truth_std=jitter)[0] > 0.9
+    assert truth_rank(spike, one, num_contexts=4, num_random=255, truth_std=jitter).tolist() == [0.0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -170,6 +171,62 @@ def test_rank_loss_is_one_at_chance_and_trains_the_observation_model(tiny_datase
         opt.step()
     torch.manual_seed(1)  # the same negatives as `first`
     assert float(rank().detach()) < 0.8 * first
+
+
+def test_rank_negatives_mix_near_annulus_and_uniform_map() -> None:
+    """``rank_near_fraction`` of the negatives lie 2-10 m from the truth; the rest cover the map bounds."""
+    from dmn_ros.geometry import MetricScale
+    from dmn_ros.training.trainer import EpisodeLoss
+
+    cfg = load_config(None, ["rank_weight=1", "rank_negatives=40", "rank_near_fraction=0.25",
+                             "rank_near_radius_m=[2.0, 10.0]"])
+    scale = MetricScale(20.0)  # 20 m per unit: the annulus is 0.1-0.5 units
+    crit = EpisodeLoss(DMN(), cfg, scale, bounds=(-1.0, 1.0, -0.5, 0.5))
+    truth = torch.tensor([[0.9, 0.4, 3.0], [-0.2, 0.0, -1.0]])
+    torch.manual_seed(0)
+    neg = crit.negatives(truth, 40)
+    assert neg.shape == (2, 40, 3)
+    near, uniform = neg[:, :10], neg[:, 10:]
+    dist_m = torch.linalg.norm(near[..., :2] - truth[:, None, :2], dim=-1) * 20.0
+    assert float(dist_m.min()) >= 2.0 - 1e-4 and float(dist_m.max()) <= 10.0 + 1e-4
+    assert float(uniform[..., 0].min()) >= -1.0 and float(uniform[..., 0].max()) <= 1.0
+    assert float(uniform[..., 1].min()) >= -0.5 and float(uniform[..., 1].max()) <= 0.5
+    assert float(neg[..., 2].abs().max()) <= math.pi + 1e-6
+    assert float(torch.linalg.norm(uniform[..., :2] - truth[:, None, :2], dim=-1).max()) * 20.0 > 10.0
+    with pytest.raises(ValueError, match="rank_near_fraction"):
+        load_config(None, ["rank_near_fraction=1.5"])
+    with pytest.raises(ValueError, match="rank_near_radius_m"):
+        load_config(None, ["rank_near_radius_m=[5.0, 2.0]"])
+
+
+def test_rank_positives_jitter_around_the_truth_and_keep_chance_at_one(tiny_dataset: Path) -> None:
+    """Jittered positives have the configured spread; with every pose scored alike the term is still 1.0."""
+    from dmn_ros.filter import encode_map
+    from dmn_ros.geometry import MetricScale
+    from dmn_ros.training.trainer import EpisodeLoss
+
+    cfg = load_config(None, ["rank_weight=1", "rank_negatives=12", "rank_positives=4",
+                             "rank_positive_std=[2.0, 2.0, 20.0]", "num_particles=8"])
+    crit = EpisodeLoss(DMN(), cfg, MetricScale(20.0))
+    truth = torch.tensor([[0.1, -0.3, 3.1]])
+    torch.manual_seed(0)
+    pos = crit.positives(truth, 20000)
+    spread = (pos - truth[:, None]).std(dim=1)[0]
+    assert float(spread[0]) * 20.0 == pytest.approx(2.0, rel=0.05)
+    assert float(spread[1]) * 20.0 == pytest.approx(2.0, rel=0.05)
+    assert float(pos[..., 2].abs().max()) <= math.pi  # wrapped: 3.1 rad plus 20° crosses ±π
+    exact = EpisodeLoss(DMN(), load_config(None, ["rank_positives=3"]), MetricScale(20.0))
+    assert torch.allclose(exact.positives(truth, 3), truth[:, None].expand(1, 3, 3), atol=1e-6)
+
+    model = crit.model
+    batch = _rank_batch(tiny_dataset, cfg)
+    with torch.no_grad():
+        model.fc1[-1].weight.zero_()  # every pose scores the bias
+    pm = encode_map(model, images=batch["context_images"], poses=batch["context_poses"])
+    chance = crit.rank_loss(pm, batch["query_images"], batch["query_poses"])
+    assert float(chance) == pytest.approx(1.0, abs=1e-6)  # log((4 + 12) / 4) normalized
+    with pytest.raises(ValueError, match="rank_positives"):
+        load_config(None, ["rank_positives=0"])
 
 
 def test_truth_rank_selects_the_best_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -28,9 +28,17 @@ def truth_rank(
     num_random: int = 255,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    near_radius_m: tuple[float, float] | None = None,
+    truth_std: tuple[float, float, float] | None = None,
+    num_truth: int = 16,
 ) -> np.ndarray:
     """Per episode: the share of ``num_random`` uniform poses (map bounds, all yaws) that score below the truth.
 
+    With ``near_radius_m`` the poses lie instead at a distance uniform in that range from the
+    truth (any yaw): how peaked the likelihood is around the truth, not which region wins.
+    With ``truth_std`` (meters, meters, degrees) ``num_truth`` poses drawn around the truth take
+    its place and their shares are averaged: how wide the basin is that a filter's particles,
+    which never sit exactly on the truth, must fall into.
     Uses each episode's first query frame and first ``num_contexts`` contexts; ``(E,)`` in [0, 1].
     """
     dev = torch.device(device)
@@ -44,9 +52,19 @@ def truth_rank(
         pm = encode_map(model, images=ctx, poses=cpose)
         rnd = np.stack([rng.uniform(xmin, xmax, num_random), rng.uniform(ymin, ymax, num_random),
                         rng.uniform(-math.pi, math.pi, num_random)], axis=1)
-        poses = np.concatenate([e.query_poses[:1], rnd])
+        if near_radius_m is not None:
+            radius = rng.uniform(near_radius_m[0], near_radius_m[1], num_random)
+            angle = rng.uniform(0.0, 2 * math.pi, num_random)
+            rnd[:, 0] = e.query_poses[0, 0] + radius * np.cos(angle)
+            rnd[:, 1] = e.query_poses[0, 1] + radius * np.sin(angle)
+        truths = e.query_poses[:1]
+        if truth_std is not None:
+            std = np.array([truth_std[0], truth_std[1], math.radians(truth_std[2])])
+            truths = truths + rng.normal(size=(num_truth, 3)) * std
+        poses = np.concatenate([truths, rnd])
         particles = torch.from_numpy(scale.to_normalized(poses)).float()[None].to(dev)
         q, hq = model.prepare_query(_images(e.query_images[:1]).to(dev))
         ll = model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, particles, 0)[0]
-        out[i] = float((ll[1:] < ll[0]).float().mean())
+        k = len(truths)
+        out[i] = float((ll[None, k:] < ll[:k, None]).float().mean())
     return out

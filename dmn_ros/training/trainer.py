@@ -31,7 +31,7 @@ from dmn_ros.data import DatasetDir
 from dmn_ros.data.torch_dataset import EpisodeDataset
 from dmn_ros.export import atomic_write_bytes, export_model
 from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, run_episode
-from dmn_ros.geometry import MetricScale
+from dmn_ros.geometry import MetricScale, wrap_angle
 from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
 from dmn_ros.model.kinds import constructor_args
 from dmn_ros.training.config import TrainConfig
@@ -118,20 +118,43 @@ class EpisodeLoss(_PoseLoss):
         return loss, mse_last.detach()
 
     def rank_loss(self, pm: PreparedMap, queries: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-        """Mean over steps of the true pose's cross-entropy against uniform negatives, 1.0 at chance."""
-        b, steps = truth.shape[:2]
-        m = self.cfg.rank_negatives
+        """Mean over steps of the positives' cross-entropy against the negatives, 1.0 at chance."""
+        steps = truth.shape[1]
+        m, n_pos = self.cfg.rank_negatives, self.cfg.rank_positives
+        total = truth.new_zeros(())
+        for t in range(steps):
+            poses = torch.cat([self.positives(truth[:, t], n_pos), self.negatives(truth[:, t], m)], dim=1)
+            q, hq = self.model.prepare_query(queries[:, t])
+            ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, poses, 0)
+            total = total - (torch.logsumexp(ll[:, :n_pos], dim=1) - torch.logsumexp(ll, dim=1)).mean()
+        return total / (steps * math.log((n_pos + m) / n_pos))
+
+    def positives(self, truth: torch.Tensor, n: int) -> torch.Tensor:
+        """``(B, n, 3)`` poses drawn around ``truth`` with ``rank_positive_std`` (all at the truth when it is 0)."""
+        s = self.cfg.rank_positive_std
+        std = truth.new_tensor([s[0] / self.scale.meters_per_unit, s[1] / self.scale.meters_per_unit,
+                                math.radians(s[2])])
+        poses = truth[:, None] + torch.randn(truth.shape[0], n, 3, device=truth.device, dtype=truth.dtype) * std
+        return torch.cat([poses[..., :2], wrap_angle(poses[..., 2:])], dim=-1)
+
+    def negatives(self, truth: torch.Tensor, m: int) -> torch.Tensor:
+        """``(B, m, 3)`` poses: ``rank_near_fraction`` of them in an annulus around ``truth``, the rest uniform."""
+        b = truth.shape[0]
+        near = round(self.cfg.rank_near_fraction * m)
         xmin, xmax, ymin, ymax = self.bounds
         lo = truth.new_tensor([xmin, ymin, -math.pi])
         hi = truth.new_tensor([xmax, ymax, math.pi])
-        total = truth.new_zeros(())
-        for t in range(steps):
-            negatives = lo + (hi - lo) * torch.rand(b, m, 3, device=truth.device, dtype=truth.dtype)
-            poses = torch.cat([truth[:, t : t + 1], negatives], dim=1)
-            q, hq = self.model.prepare_query(queries[:, t])
-            ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, poses, 0)
-            total = total - torch.log_softmax(ll, dim=1)[:, 0].mean()
-        return total / (steps * math.log(1 + m))
+        uniform = lo + (hi - lo) * torch.rand(b, m - near, 3, device=truth.device, dtype=truth.dtype)
+        if near == 0:
+            return uniform
+        r_lo, r_hi = (r / self.scale.meters_per_unit for r in self.cfg.rank_near_radius_m)
+        u = torch.rand(b, near, 3, device=truth.device, dtype=truth.dtype)
+        radius = r_lo + (r_hi - r_lo) * u[..., 0]
+        angle = 2 * math.pi * u[..., 1]
+        around = torch.stack([truth[:, None, 0] + radius * torch.cos(angle),
+                              truth[:, None, 1] + radius * torch.sin(angle),
+                              wrap_angle(truth[:, None, 2] + 2 * math.pi * u[..., 2])], dim=-1)
+        return torch.cat([around, uniform], dim=1)
 
 
 class RegressionLoss(_PoseLoss):
@@ -434,9 +457,21 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
 
                 model.eval()
                 rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device).mean())
-                model.train()
                 writer.add_scalar("val/truth_rank", rank, step)
                 log.info("step %d val truth rank %.4f (Nc %d)", step, rank, RANK_NC)
+                if max(cfg.rank_positive_std) > 0:  # select on the basin the positives train, not the exact truth
+                    rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device,
+                                            truth_std=cfg.rank_positive_std).mean())
+                    writer.add_scalar("val/basin_rank", rank, step)
+                    log.info("step %d val basin rank %.4f (truth jittered by %s)", step, rank, cfg.rank_positive_std)
+                f = cfg.rank_near_fraction
+                if f > 0:  # select on the same mix of negatives the rank term trains on
+                    near = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device,
+                                            near_radius_m=cfg.rank_near_radius_m).mean())
+                    writer.add_scalar("val/truth_rank_near", near, step)
+                    log.info("step %d val truth rank near %.4f (%g-%g m)", step, near, *cfg.rank_near_radius_m)
+                    rank = (1 - f) * rank + f * near
+                model.train()
                 score = -rank
             if score < best_val:
                 best_val, bad_evals = score, 0
