@@ -118,6 +118,9 @@ class LocalizerConfig:
     """Attend only to the M contexts nearest each particle (0: all), for large shared maps (docs/PERFORMANCE.md)."""
     likelihood_scale: float | None = None
     """Temperature on the model's log-likelihoods; None: the model's calibration, else 1."""
+    cluster_radius_m: float = 0.0
+    """0: the estimate is the particles' weighted mean (the paper's); > 0: the mean of the heaviest
+    cluster of this x-y radius, as nav2_amcl publishes (:func:`dmn_ros.filter.steps.estimate`)."""
     covariance_inflation: float | None = None
     """x-y variance inflation applied to published covariances; None: the model's
     ``config["calibration"]["covariance_inflation"]`` if it has one, else 1.0."""
@@ -211,6 +214,8 @@ class Localizer:
             inflation = model_covariance_inflation(model.info.config)
         if not (math.isfinite(inflation) and inflation > 0.0):
             raise ValueError(f"covariance_inflation must be > 0, got {inflation}")
+        if not math.isfinite(self.config.cluster_radius_m) or self.config.cluster_radius_m < 0:
+            raise ValueError(f"cluster_radius_m must be >= 0, got {self.config.cluster_radius_m}")
         self.covariance_inflation: float = float(inflation)
         """x-y variance factor applied to every published covariance (calibration, docs/health.md)."""
         scale = self.config.likelihood_scale
@@ -248,6 +253,7 @@ class Localizer:
             kld=self._kld_config(),
             nearest_contexts=c.nearest_contexts,
             likelihood_scale=self.likelihood_scale,
+            cluster_radius=c.cluster_radius_m / mpu,
         )
 
     def _kld_config(self) -> KldConfig:
@@ -462,7 +468,7 @@ class Localizer:
         if self.belief is None:
             raise NotReadyError("no belief")
         with torch.inference_mode():
-            mean, cov = estimate(self.belief)
+            mean, cov = estimate(self.belief, cluster_radius=self._filter_config().cluster_radius)
         out = self._cov_to_metric(cov[0].double().cpu().numpy())
         out[:2, :2] *= self.covariance_inflation
         return self.scale.to_metric(mean[0].double().cpu().numpy()), out

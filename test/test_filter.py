@@ -36,6 +36,21 @@ def test_estimate_hand_case():
     assert float(cov[0, 2, 2]) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_cluster_estimate_takes_the_heaviest_mode_not_the_heaviest_particle():
+    """nav2_amcl's estimate: mode B (0.6 in two particles) beats mode A (one 0.4 particle, the single heaviest)."""
+    b = _belief([[0.0, 0.0, 1.0], [10.0, 0.0, 0.0], [11.0, 0.0, 0.2]], [0.4, 0.3, 0.3])
+    mean, cov = estimate(b)
+    torch.testing.assert_close(mean[0, :2], torch.tensor([6.3, 0.0], dtype=torch.float64))  # between the modes
+    est, cov_c = estimate(b, cluster_radius=2.0)
+    torch.testing.assert_close(est[0], torch.tensor([10.5, 0.0, 0.1], dtype=torch.float64))
+    # x variance about the published estimate: .4 * 10.5² + .3 * .5² + .3 * .5² = 44.25
+    assert float(cov_c[0, 0, 0]) == pytest.approx(44.25, rel=1e-9)
+    assert float(cov_c[0, 0, 0]) == pytest.approx(float(cov[0, 0, 0]) + (6.3 - 10.5) ** 2, rel=1e-9)
+    torch.testing.assert_close(cov_c[0, 2, 2], cov[0, 2, 2])  # yaw spread: the whole belief's
+    # A radius that holds every particle gives the weighted mean back.
+    torch.testing.assert_close(estimate(b, cluster_radius=50.0)[0], mean)
+
+
 def test_circular_mean_across_seam():
     b = _belief([[0, 0, math.pi - 0.1], [0, 0, -math.pi + 0.1]], [0.5, 0.5])
     mean, cov = estimate(b)

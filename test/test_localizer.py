@@ -123,6 +123,26 @@ def test_step_shapes_and_motion(model):
         loc.step(_images(1)[0], [np.nan, 0, 0])
 
 
+def test_cluster_radius_publishes_the_heaviest_mode(model):
+    """With ``cluster_radius_m`` the estimate is the heaviest disc's mean, in metres, not the weighted mean."""
+    with pytest.raises(ValueError, match="cluster_radius_m"):
+        Localizer(model, config=LocalizerConfig(cluster_radius_m=-1.0, device="cpu"))
+    cfg = LocalizerConfig(max_particles=256, tracking_particles=256, resample_threshold=0.0, cluster_radius_m=3.0,
+                          device="cpu")
+    loc = Localizer(model, config=cfg, seed=0)
+    loc.set_map(_view_map(model, np.array([[0.0, 0.0, 0.0], [6.0, 3.0, 1.0]])))
+    loc.init_global((-20.0, 20.0, -20.0, 20.0))
+    est = loc.step(_images(1, seed=5)[0], None)
+    p, w = loc.particles_metric(), loc.weights()
+    seeds = p[np.argsort(w)[-64:], :2]
+    mass = [w[np.hypot(*(p[:, :2] - s).T) <= 3.0].sum() for s in seeds]
+    inside = np.hypot(*(p[:, :2] - seeds[int(np.argmax(mass))]).T) <= 3.0
+    expected = (w[inside, None] * p[inside, :2]).sum(0) / w[inside].sum()
+    np.testing.assert_allclose(est.mean[:2], expected, atol=1e-3)
+    assert np.hypot(*(est.mean[:2] - (w[:, None] * p[:, :2]).sum(0))) > 0.5  # a uniform belief's mean differs
+    np.testing.assert_allclose(loc.current_estimate()[0][:2], expected, atol=1e-3)
+
+
 def test_map_fingerprint_and_origin_shift(model):
     loc = Localizer(model, config=CFG, seed=0)
     foreign = ViewMap(fingerprint="0000", meters_per_unit=20.0, embed_shape=model.info.embed_shape)

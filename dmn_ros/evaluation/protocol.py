@@ -48,6 +48,8 @@ class EvalSettings:
     """Nearest-M attention (0: all contexts)."""
     likelihood_scale: float = 1.0
     """Log-likelihood temperature (a model's calibration; see ``model_likelihood_scale``)."""
+    cluster_radius_m: float = 0.0
+    """0: score the weighted mean (the paper's estimate); > 0: the heaviest cluster's mean (nav2_amcl's)."""
 
 
 @dataclass
@@ -155,6 +157,7 @@ def filter_steps(
         resampling="systematic",
         nearest_contexts=settings.nearest_contexts,
         likelihood_scale=settings.likelihood_scale,
+        cluster_radius=settings.cluster_radius_m / mpu,
     )
     s = settings.tracking_std
     std = (s[0] / mpu, s[1] / mpu, math.radians(s[2]))

@@ -80,6 +80,9 @@ class FilterConfig:
     """Attend only to this many contexts nearest each particle (0: all); for large shared maps."""
     likelihood_scale: float = 1.0
     """Temperature on the observation log-likelihoods (calibration; 1 = as trained)."""
+    cluster_radius: float = 0.0
+    """0: the estimate is the weighted mean (the paper's); > 0: the heaviest cluster's mean, as
+    nav2_amcl publishes (x-y radius in filter units; see :func:`~dmn_ros.filter.steps.estimate`)."""
 
 
 class StepResult(NamedTuple):
@@ -120,7 +123,7 @@ def filter_step(
     if config.likelihood_scale != 1.0:
         ll = ll * config.likelihood_scale
     updated = update(belief, ll)
-    mean, cov = estimate(updated)
+    mean, cov = estimate(updated, cluster_radius=config.cluster_radius)
     if config.resampling == "soft":
         nxt = soft_resample(updated, alpha=config.soft_alpha, generator=generator)
     elif config.resampling == "systematic":

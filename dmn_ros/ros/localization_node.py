@@ -102,6 +102,7 @@ class LocalizationNode(Node):
             motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
             resample_threshold=float(p["resample_threshold"]),
             nearest_contexts=int(p["nearest_contexts"]),
+            cluster_radius_m=float(p["cluster_radius"]),
             device=str(p["device"]),
             health=HealthConfig(
                 alpha_slow=float(p["health.alpha_slow"]),

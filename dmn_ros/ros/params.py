@@ -73,6 +73,8 @@ LOCALIZATION: ParamTable = {
     "motion_noise_yaw": (0.05, "rad, per-step std of the particles' rotation noise"),
     "resample_threshold": (0.5, "systematic resampling when ESS < threshold * K"),
     "nearest_contexts": (0, "attend only to the M contexts nearest each particle (0: all); for large maps"),
+    "cluster_radius": (0.0, "m; 0: publish the particles' weighted mean (the paper's estimate); > 0: the mean of "
+                            "the heaviest particle cluster of this radius, as nav2_amcl publishes"),
     "random_seed": (0, "seed of the filter's random generator"),
     "tf_broadcast": (True, "broadcast map->odom (needs tf2_ros importable)"),
     "process_rate": (20.0, "Hz of the worker that filters the newest frame"),
