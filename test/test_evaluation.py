@@ -72,6 +72,8 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
     assert "| DMN |" in md
     assert len(summary["truth_rank"]) == 1 and 0.0 <= summary["truth_rank"][0] <= 1.0
     assert "Observation-model ranking" in md
+    basin = summary["basin_rank"]
+    assert basin["std_m_m_deg"] == [3.0, 3.0, 30.0] and len(basin["rank"]) == 1 and 0.0 <= basin["rank"][0] <= 1.0
     # health metrics of the same runs (docs/health.md): keys present, values finite or None as documented
     h = summary["health"]
     for mode in ("global", "tracking"):
