@@ -468,7 +468,7 @@ class Localizer:
         if self.belief is None:
             raise NotReadyError("no belief")
         with torch.inference_mode():
-            mean, cov = estimate(self.belief, cluster_radius=self._filter_config().cluster_radius)
+            mean, cov = estimate(self.belief, cluster_radius=self.config.cluster_radius_m / self.scale.meters_per_unit)
         out = self._cov_to_metric(cov[0].double().cpu().numpy())
         out[:2, :2] *= self.covariance_inflation
         return self.scale.to_metric(mean[0].double().cpu().numpy()), out

@@ -30,7 +30,7 @@ from torch import nn
 from dmn_ros.data import DatasetDir
 from dmn_ros.data.torch_dataset import EpisodeDataset
 from dmn_ros.export import atomic_write_bytes, export_model
-from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, run_episode
+from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, init_uniform, run_episode
 from dmn_ros.geometry import MetricScale, wrap_angle
 from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
 from dmn_ros.model.kinds import constructor_args
@@ -141,10 +141,8 @@ class EpisodeLoss(_PoseLoss):
         """``(B, m, 3)`` poses: ``rank_near_fraction`` of them in an annulus around ``truth``, the rest uniform."""
         b = truth.shape[0]
         near = round(self.cfg.rank_near_fraction * m)
-        xmin, xmax, ymin, ymax = self.bounds
-        lo = truth.new_tensor([xmin, ymin, -math.pi])
-        hi = truth.new_tensor([xmax, ymax, math.pi])
-        uniform = lo + (hi - lo) * torch.rand(b, m - near, 3, device=truth.device, dtype=truth.dtype)
+        uniform = init_uniform(batch=b, num_particles=m - near, bounds=self.bounds, device=truth.device,
+                               dtype=truth.dtype).particles
         if near == 0:
             return uniform
         r_lo, r_hi = (r / self.scale.meters_per_unit for r in self.cfg.rank_near_radius_m)
