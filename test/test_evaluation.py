@@ -59,7 +59,7 @@ def test_run_filter_shapes_and_determinism(tiny_dataset: Path) -> None:
 
 
 def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
-    m = tmp_path / "m.pt"
+    model_path = m = tmp_path / "m.pt"
     export_model(DMN(), m, meters_per_unit=20.0)
     out = tmp_path / "eval"
     rc = eval_main(["--model", str(m), "--data", str(tiny_dataset), "--out", str(out), "--episodes", "2",
@@ -86,6 +86,15 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
     assert "converged_share" not in h["tracking"]
     assert "| mode | 95 % coverage | mean NEES |" in md and "| global (K = 32, T = 5) |" in md
     assert (out / "success_vs_t.png").stat().st_size > 1000 and (out / "success_vs_Nc.png").is_file()
+    # The paper's protocol (independent views in random order) is the default; robot-like segments on request.
+    assert summary["episode_set"]["query_mode"] == "random_order" and "queries random_order" in md
+    seg = tmp_path / "eval_seg"
+    assert eval_main(["--model", str(model_path), "--data", str(tiny_dataset), "--out", str(seg), "--episodes", "2",
+                      "--T", "5",
+                      "--k-global", "16", "--k-tracking", "16", "--no-health", "--queries", "segment"]) == 0
+    assert json.loads((seg / "results.json").read_text())["episode_set"]["query_mode"] == "segment"
+    with pytest.raises(SystemExit):
+        eval_main(["--model", str(model_path), "--data", str(tiny_dataset), "--out", str(seg), "--queries", "shuffled"])
 
 
 def test_collect_runs_reproduces_run_filter(tiny_dataset: Path) -> None:

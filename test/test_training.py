@@ -65,6 +65,11 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
     assert s > 0 and cal.info.fingerprint == loaded.info.fingerprint
     assert Localizer(cal).covariance_inflation == pytest.approx(s)
     assert Localizer(cal).likelihood_scale == cal.info.config["calibration"]["likelihood_scale"]
+    # The calibration can follow robot-like query segments and another map size.
+    from dmn_ros.training.export_cli import SCALE_GRID, calibrate
+
+    fitted = calibrate(best.eval(), str(tiny_dataset), episodes=2, query_mode="segment", num_contexts=3)
+    assert fitted["likelihood_scale"] in SCALE_GRID and fitted["covariance_inflation"] > 0
     # Re-export of the same weights: the calibration is copied, and an eval's headline goes into the metadata.
     fp = loaded.info.fingerprint
     ev = {"fingerprints": [fp], "threshold_m": 8.94, "global_success": [[0.25, 0.5, 0.5, 0.5, 0.75]],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmn_ros.data.episodes import QueryMode
 from dmn_ros.evaluation.health_metrics import COVERAGE_FROM_INDEX, Runs, collect_runs, time_to_converge
 from dmn_ros.evaluation.protocol import (
     EpisodeSet,
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--T", type=int, default=20, help="longest horizon for the success-vs-time curve")
     p.add_argument("--nc", type=int, default=4)
+    p.add_argument("--queries", choices=[m.value for m in QueryMode], default=QueryMode.RANDOM_ORDER.value,
+                   help="query sequences: random_order = independent views in random order, the paper's protocol; "
+                        "segment = consecutive frames of one smooth trajectory, as a robot sees them (harder: "
+                        "successive frames are nearly the same view)")
     p.add_argument("--k-global", type=int, default=2048)
     p.add_argument("--k-tracking", type=int, default=256)
     p.add_argument("--k-sweep", type=_ints, default=[])
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     compared = [_compare_arg(c, args.device) for c in args.compare]
     max_nc = max([args.nc, *args.nc_sweep])
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
-                           T=max(args.T, 5), seed=args.seed)
+                           T=max(args.T, 5), seed=args.seed, query_mode=args.queries)
     thr = success_threshold_m(eps.area_size_m)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{rmse(un_t)[4]:.2f}"),
     ]
     md = [
-        f"# dmn-eval: {eps.description['data']} ({args.split}), Nc = {args.nc}",
+        f"# dmn-eval: {eps.description['data']} ({args.split}), Nc = {args.nc}, queries {args.queries}",
         "",
         f"{len(eps.episodes)} episodes x {len(models)} model seed(s); area {eps.area_size_m:.0f} m; "
         f"success = x-y error < {thr:.2f} m; global K = {args.k_global}, tracking K = {args.k_tracking} "

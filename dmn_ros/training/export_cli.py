@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from dmn_ros.data.episodes import QueryMode
 from dmn_ros.export import export_model, load_model, results_from_eval, weights_fingerprint
 from dmn_ros.training.trainer import load_checkpoint, model_from_checkpoint
 
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", metavar="DATA_DIR", default="",
                    help="fit the likelihood temperature and covariance inflation on this dataset's val split")
     p.add_argument("--calibrate-episodes", type=int, default=24)
+    p.add_argument("--calibrate-queries", choices=[m.value for m in QueryMode], default=QueryMode.RANDOM_ORDER.value,
+                   help="query sequences the calibration runs: random_order (independent frames, the paper's "
+                        "protocol) or segment (consecutive frames of a smooth trajectory)")
+    p.add_argument("--calibrate-nc", type=int, default=16, help="contexts per map during calibration")
     p.add_argument("--calibration-from", metavar="MODEL", default="",
                    help="copy the calibration of an exported model with the same weights (re-export, no re-fit)")
     p.add_argument("--results", metavar="RESULTS_JSON", default="",
@@ -31,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate and state["model_config"].get("kind", "dmn") == "regression":
         p.error("--calibrate fits particle-filter temperatures; the regression baseline has no particles")
     if args.calibrate:
-        calibration = calibrate(model, args.calibrate, episodes=args.calibrate_episodes)
+        calibration = calibrate(model, args.calibrate, episodes=args.calibrate_episodes,
+                                query_mode=args.calibrate_queries, num_contexts=args.calibrate_nc)
         print(f"calibration fitted on {args.calibrate} (val): " + ", ".join(f"{k} {v:.4g}" for k, v in
                                                                           calibration.items()))
     if args.calibration_from:
@@ -70,7 +76,8 @@ SCALE_GRID = (2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 """Log-likelihood temperatures tried; above 1 sharpens a model whose contrasts are small (rank-trained)."""
 
 
-def calibrate(model: torch.nn.Module, data_dir: str, *, episodes: int = 24, seed: int = 0) -> dict[str, float]:
+def calibrate(model: torch.nn.Module, data_dir: str, *, episodes: int = 24, seed: int = 0,
+              query_mode: str = QueryMode.RANDOM_ORDER.value, num_contexts: int = 16) -> dict[str, float]:
     """Fit the two calibration values on the val split, as the evaluation protocol runs the filter.
 
     1. ``likelihood_scale``, a temperature on the log-likelihoods, from ``SCALE_GRID``: the one
@@ -78,19 +85,25 @@ def calibrate(model: torch.nn.Module, data_dir: str, *, episodes: int = 24, seed
        overconfident model otherwise collapses its belief onto the first look-alike place.
     2. ``covariance_inflation``: 95 % of estimates inside the published 95 % ellipse
        (t >= 2, tracking and global runs together; docs/health.md).
+
+    ``query_mode`` matters: consecutive frames of a smooth trajectory are nearly the same view, so
+    multiplying their likelihoods counts one piece of evidence several times and favours a colder
+    temperature than independent frames (``random_order``) do.
     """
     import numpy as np
 
     from dmn_ros.evaluation import EvalSettings, make_episode_set, run_filter
     from dmn_ros.evaluation.health_metrics import collect_runs, fit_inflation
 
-    eps = make_episode_set(data_dir, split="val", num_episodes=episodes, num_contexts=16, T=5, seed=seed)
+    nc = num_contexts
+    eps = make_episode_set(data_dir, split="val", num_episodes=episodes, num_contexts=num_contexts, T=5, seed=seed,
+                           query_mode=query_mode)
     best: tuple[float, float] | None = None
     with torch.inference_mode():
         for scale in SCALE_GRID:
-            trk = run_filter(model, eps, EvalSettings(mode="tracking", num_particles=256, num_contexts=16, T=5,
+            trk = run_filter(model, eps, EvalSettings(mode="tracking", num_particles=256, num_contexts=nc, T=5,
                                                       seed=seed, likelihood_scale=scale))
-            glo = run_filter(model, eps, EvalSettings(mode="global", num_particles=512, num_contexts=16, T=5,
+            glo = run_filter(model, eps, EvalSettings(mode="global", num_particles=512, num_contexts=nc, T=5,
                                                       seed=seed, likelihood_scale=scale))
             score = float(np.sqrt((trk[:, -1] ** 2).mean()) + np.minimum(glo[:, -1], 20.0).mean())
             print(f"  likelihood_scale {scale:g}: tracking RMSE t=5 {np.sqrt((trk[:, -1] ** 2).mean()):.2f} m, "
@@ -100,7 +113,7 @@ def calibrate(model: torch.nn.Module, data_dir: str, *, episodes: int = 24, seed
         assert best is not None
         errs, covs = [], []
         for mode, k in (("tracking", 256), ("global", 512)):
-            runs = collect_runs(model, eps, EvalSettings(mode=mode, num_particles=k, T=5, num_contexts=16, seed=seed,
+            runs = collect_runs(model, eps, EvalSettings(mode=mode, num_particles=k, T=5, num_contexts=nc, seed=seed,
                                                          likelihood_scale=best[0]))
             errs.append(runs.errors_xy[:, 1:].reshape(-1, 2))
             covs.append(runs.covariance[:, 1:, :2, :2].reshape(-1, 2, 2))
