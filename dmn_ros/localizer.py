@@ -163,22 +163,39 @@ def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor
     return emb.float().cpu().numpy()
 
 
-def model_likelihood_scale(config: dict) -> float:
-    """The log-likelihood temperature an exported model carries (``config["calibration"]``), else 1.0."""
+INDEPENDENT_FRAMES_SUFFIX = "_independent"
+"""Calibration keys with this suffix were fitted on independent views (the paper's random-order queries)."""
+
+
+def _calibration_value(config: dict, key: str, independent_frames: bool) -> float:
     cal = config.get("calibration")
-    value = cal.get("likelihood_scale") if isinstance(cal, dict) else None
+    cal = cal if isinstance(cal, dict) else {}
+    value = cal.get(key + INDEPENDENT_FRAMES_SUFFIX) if independent_frames else None
+    if not value:
+        value = cal.get(key) if cal else config.get(key)
     return float(value) if value else 1.0
 
 
-def model_covariance_inflation(config: dict) -> float:
+def model_likelihood_scale(config: dict, *, independent_frames: bool = False) -> float:
+    """The log-likelihood temperature an exported model carries (``config["calibration"]``), else 1.0.
+
+    The plain key is fitted on consecutive frames of smooth trajectories, what a robot (the node, bags)
+    feeds the filter. Such frames repeat nearly one view, and multiplying their likelihoods counts that
+    evidence again and again, so they need a colder temperature than independent views do.
+    ``independent_frames`` reads ``likelihood_scale_independent`` (fitted on the paper's random-order
+    queries) where the model has one.
+    """
+    return _calibration_value(config, "likelihood_scale", independent_frames)
+
+
+def model_covariance_inflation(config: dict, *, independent_frames: bool = False) -> float:
     """The calibration an exported model carries: ``config["calibration"]["covariance_inflation"]``, else 1.0.
 
     (A top-level ``config["covariance_inflation"]`` is accepted too.) ``dmn_ros.export`` can write it
     from :func:`dmn_ros.evaluation.health_metrics.fit_inflation` on validation runs (docs/health.md).
+    ``independent_frames`` as in :func:`model_likelihood_scale`.
     """
-    cal = config.get("calibration")
-    value = cal.get("covariance_inflation") if isinstance(cal, dict) else config.get("covariance_inflation")
-    return float(value) if value else 1.0
+    return _calibration_value(config, "covariance_inflation", independent_frames)
 
 
 class Localizer:

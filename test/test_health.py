@@ -293,6 +293,20 @@ def test_covariance_inflation_from_config_or_model_metadata(untrained):
         Localizer(untrained, config=LocalizerConfig(device="cpu", covariance_inflation=0.0))
 
 
+def test_independent_frame_calibration_is_read_only_when_asked():
+    """The node (robot frames) reads the plain keys; independent views read the suffixed ones, else fall back."""
+    both = {"calibration": {"likelihood_scale": 0.25, "covariance_inflation": 0.8,
+                            "likelihood_scale_independent": 2.0, "covariance_inflation_independent": 1.6}}
+    assert model_likelihood_scale(both) == 0.25 and model_covariance_inflation(both) == 0.8
+    assert model_likelihood_scale(both, independent_frames=True) == 2.0
+    assert model_covariance_inflation(both, independent_frames=True) == 1.6
+    plain = {"calibration": {"likelihood_scale": 0.5}}
+    assert model_likelihood_scale(plain, independent_frames=True) == 0.5
+    assert model_covariance_inflation(plain, independent_frames=True) == 1.0
+    assert model_likelihood_scale({}, independent_frames=True) == 1.0
+    assert model_covariance_inflation({"covariance_inflation": 3.0}, independent_frames=True) == 3.0
+
+
 # ---- shipped model --------------------------------------------------------------------------------
 DATA = Path("/work/cache/maze32")
 COVERAGE_BAND = (0.75, 1.0)

@@ -62,14 +62,13 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
                         "--calibrate-episodes", "2"]) == 0
     cal = load_model(tmp_path / "cal.pt")
     s = cal.info.config["calibration"]["covariance_inflation"]
+    # Both frame streams are fitted by default: robot-like segments (plain keys) and independent views.
+    assert set(cal.info.config["calibration"]) == {"likelihood_scale", "covariance_inflation",
+                                                   "likelihood_scale_independent", "covariance_inflation_independent"}
     assert s > 0 and cal.info.fingerprint == loaded.info.fingerprint
     assert Localizer(cal).covariance_inflation == pytest.approx(s)
     assert Localizer(cal).likelihood_scale == cal.info.config["calibration"]["likelihood_scale"]
-    # The calibration can follow robot-like query segments and another map size.
-    from dmn_ros.training.export_cli import SCALE_GRID, calibrate
-
-    fitted = calibrate(best.eval(), str(tiny_dataset), episodes=2, query_mode="segment", num_contexts=3)
-    assert fitted["likelihood_scale"] in SCALE_GRID and fitted["covariance_inflation"] > 0
+    from dmn_ros.training.export_cli import SCALE_GRID
     # Re-export of the same weights: the calibration is copied, and an eval's headline goes into the metadata.
     fp = loaded.info.fingerprint
     ev = {"fingerprints": [fp], "threshold_m": 8.94, "global_success": [[0.25, 0.5, 0.5, 0.5, 0.75]],
@@ -79,6 +78,15 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
                         str(tmp_path / "cal.pt"), "--results", str(tmp_path / "results.json")]) == 0
     re_info = load_model(tmp_path / "re.pt").info
     assert re_info.config["calibration"] == cal.info.config["calibration"] and re_info.fingerprint == fp
+    # Re-fit one stream on top of a copied calibration: the other stream's values are kept as they were.
+    export_model(best, tmp_path / "seeded.pt", meters_per_unit=20.0,
+                 calibration={"likelihood_scale": 0.3, "covariance_inflation": 1.7})
+    assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "refit.pt"), "--calibration-from",
+                        str(tmp_path / "seeded.pt"), "--calibrate", str(tiny_dataset), "--calibrate-episodes", "2",
+                        "--calibrate-queries", "random_order", "--calibrate-nc", "3"]) == 0
+    refit = load_model(tmp_path / "refit.pt").info.config["calibration"]
+    assert refit["likelihood_scale"] == 0.3 and refit["covariance_inflation"] == 1.7
+    assert refit["likelihood_scale_independent"] in SCALE_GRID and refit["covariance_inflation_independent"] > 0
     assert re_info.config["results"] == {"global_success_t1": 0.25, "global_success_t5": 0.75,
                                          "tracking_rmse_m_t5": 1.5, "success_threshold_m": 8.94,
                                          "episode_set": {"split": "test", "episodes": 4}}

@@ -56,6 +56,11 @@ def _in_model_scale(eps: EpisodeSet, model: LoadedModel) -> EpisodeSet:
     return dataclasses.replace(eps, scale=MetricScale(model.info.meters_per_unit, s.origin_x, s.origin_y))
 
 
+def _independent_frames(eps: EpisodeSet) -> bool:
+    """Random-order queries are independent views; a model may carry a temperature fitted for them."""
+    return eps.description.get("query_mode") == QueryMode.RANDOM_ORDER.value
+
+
 def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: str) -> np.ndarray:
     """The filter as the node runs this model: its metric scale and its stored calibration.
 
@@ -63,7 +68,8 @@ def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: st
     """
     if model_kind(model.info.config) == "regression":
         return run_regression(model.module, _in_model_scale(eps, model), settings, device=device)
-    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(model.info.config))
+    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(
+        model.info.config, independent_frames=_independent_frames(eps)))
     return run_filter(model.module, _in_model_scale(eps, model), settings, device=device)
 
 
@@ -72,7 +78,8 @@ def _run_with_health(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings
     """:func:`_run`'s errors plus the health outputs of the very same filter run (None for regression)."""
     if model_kind(model.info.config) == "regression":
         return _run(model, eps, settings, device), None
-    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(model.info.config))
+    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(
+        model.info.config, independent_frames=_independent_frames(eps)))
     runs = collect_runs(model.module, _in_model_scale(eps, model), settings, device=device)
     return runs.errors_m, runs
 
@@ -222,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         f"success = x-y error < {thr:.2f} m; global K = {args.k_global}, tracking K = {args.k_tracking} "
         f"(σ 6 m / 30°, prior mean drawn around the truth); systematic resampling at ESS < K/2; "
         f"odometry noise {eps.description['odom_noise']} (m, rad per step); estimate: "
-        + (f"heaviest {cr:g} m cluster (nav2_amcl)." if cr > 0 else "weighted mean (the paper's)."),
+        + (f"heaviest {cr:g} m cluster (nav2_amcl)." if cr > 0 else "weighted mean (the paper's).")
+        + " Log-likelihood temperature "
+        + ", ".join(f"{model_likelihood_scale(m.info.config, independent_frames=_independent_frames(eps)):g}"
+                    for m in models)
+        + (" (the model's, for independent frames)." if _independent_frames(eps) else
+           " (the model's, for consecutive frames)."),
         "",
         "| method | global success t=1 (%) | global success t=5 (%) | tracking RMSE t=5 (m) |",
         "|---|---|---|---|",
@@ -265,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                "docs/RESULTS.md)."]
 
     if glob_runs and trk_runs:
-        infl = [model_covariance_inflation(m.info.config) for m in models]
+        infl = [model_covariance_inflation(m.info.config, independent_frames=_independent_frames(eps))
+                for m in models]
         health = {"global": health_metrics(glob_runs, threshold_m=thr, inflations=infl, global_start=True),
                   "tracking": health_metrics(trk_runs, threshold_m=thr, inflations=infl, global_start=False)}
         summary["health"] = health

@@ -9,6 +9,7 @@ import torch
 
 from dmn_ros.data.episodes import QueryMode
 from dmn_ros.export import export_model, load_model, results_from_eval, weights_fingerprint
+from dmn_ros.localizer import INDEPENDENT_FRAMES_SUFFIX
 from dmn_ros.training.trainer import load_checkpoint, model_from_checkpoint
 
 
@@ -20,12 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", metavar="DATA_DIR", default="",
                    help="fit the likelihood temperature and covariance inflation on this dataset's val split")
     p.add_argument("--calibrate-episodes", type=int, default=24)
-    p.add_argument("--calibrate-queries", choices=[m.value for m in QueryMode], default=QueryMode.RANDOM_ORDER.value,
-                   help="query sequences the calibration runs: random_order (independent frames, the paper's "
-                        "protocol) or segment (consecutive frames of a smooth trajectory)")
+    p.add_argument("--calibrate-queries", choices=["both", *(m.value for m in QueryMode)], default="both",
+                   help="frame streams to fit: segment (consecutive frames of smooth trajectories, what a robot "
+                        "feeds the node) writes likelihood_scale and covariance_inflation; random_order "
+                        "(independent views, the paper's protocol) writes the same keys suffixed _independent")
     p.add_argument("--calibrate-nc", type=int, default=16, help="contexts per map during calibration")
     p.add_argument("--calibration-from", metavar="MODEL", default="",
-                   help="copy the calibration of an exported model with the same weights (re-export, no re-fit)")
+                   help="copy the calibration of an exported model with the same weights (re-export; with "
+                        "--calibrate, what is not re-fitted is kept)")
     p.add_argument("--results", metavar="RESULTS_JSON", default="",
                    help="a dmn-eval results.json of these weights: its headline figures go into the metadata")
     args = p.parse_args(argv)
@@ -35,15 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     if args.calibrate and state["model_config"].get("kind", "dmn") == "regression":
         p.error("--calibrate fits particle-filter temperatures; the regression baseline has no particles")
-    if args.calibrate:
-        calibration = calibrate(model, args.calibrate, episodes=args.calibrate_episodes,
-                                query_mode=args.calibrate_queries, num_contexts=args.calibrate_nc)
-        print(f"calibration fitted on {args.calibrate} (val): " + ", ".join(f"{k} {v:.4g}" for k, v in
-                                                                          calibration.items()))
     if args.calibration_from:
-        if args.calibrate:
-            p.error("--calibrate and --calibration-from exclude each other")
         calibration = _calibration_of(args.calibration_from, weights_fingerprint(model))
+    if args.calibrate:  # on top of a copied calibration: re-fit one frame stream, keep the other
+        calibration = dict(calibration or {})
+        modes = [m.value for m in QueryMode] if args.calibrate_queries == "both" else [args.calibrate_queries]
+        for mode in modes:
+            fitted = calibrate(model, args.calibrate, episodes=args.calibrate_episodes, query_mode=mode,
+                               num_contexts=args.calibrate_nc)
+            suffix = INDEPENDENT_FRAMES_SUFFIX if mode == QueryMode.RANDOM_ORDER.value else ""
+            calibration.update({k + suffix: v for k, v in fitted.items()})
+            print(f"calibration fitted on {args.calibrate} (val, {mode} queries, Nc {args.calibrate_nc}): "
+                  + ", ".join(f"{k}{suffix} {v:.4g}" for k, v in fitted.items()))
     results = None
     if args.results:
         with open(args.results) as f:
@@ -77,7 +83,7 @@ SCALE_GRID = (2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 
 
 def calibrate(model: torch.nn.Module, data_dir: str, *, episodes: int = 24, seed: int = 0,
-              query_mode: str = QueryMode.RANDOM_ORDER.value, num_contexts: int = 16) -> dict[str, float]:
+              query_mode: str = QueryMode.SEGMENT.value, num_contexts: int = 16) -> dict[str, float]:
     """Fit the two calibration values on the val split, as the evaluation protocol runs the filter.
 
     1. ``likelihood_scale``, a temperature on the log-likelihoods, from ``SCALE_GRID``: the one
