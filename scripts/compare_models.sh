@@ -2,7 +2,7 @@
 # Equal-budget comparison: DMN, the paper's baselines and the ablations, each trained from scratch
 # with config/train_compare.yaml for MINUTES minutes on one CPU thread, then one dmn-eval table
 # (same episodes for every row) against the shipped model.
-#   scripts/compare_models.sh [MINUTES] [DATA] [RUNS_DIR] [EVAL_OUT]
+#   [QUERIES=segment] scripts/compare_models.sh [MINUTES] [DATA] [RUNS_DIR] [EVAL_OUT]  (default: random_order, the paper's queries)
 set -euo pipefail
 MINUTES=${1:-10}
 DATA=${2:-/work/cache/maze32}
@@ -35,4 +35,4 @@ for name in "${ORDER[@]}"; do
   fi
   COMPARE+=(--compare "${LABEL[$name]}=$RUNS/$name/model.pt")
 done
-"$BIN/dmn-eval" --data "$DATA" --out "$OUT" --episodes 24 --T 8 --nc 16 --no-health "${COMPARE[@]}"
+"$BIN/dmn-eval" --data "$DATA" --out "$OUT" --episodes 24 --T 8 --nc 16 --queries "${QUERIES:-random_order}" --no-health "${COMPARE[@]}"
