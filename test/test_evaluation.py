@@ -59,7 +59,7 @@ def test_run_filter_shapes_and_determinism(tiny_dataset: Path) -> None:
 
 
 def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
-    model_path = m = tmp_path / "m.pt"
+    m = tmp_path / "m.pt"
     export_model(DMN(), m, meters_per_unit=20.0)
     out = tmp_path / "eval"
     rc = eval_main(["--model", str(m), "--data", str(tiny_dataset), "--out", str(out), "--episodes", "2",
@@ -98,8 +98,7 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
     assert "temperature 2 (the model's, for independent frames)" in (ind / "results.md").read_text()
     seg = tmp_path / "eval_seg"
     assert eval_main(["--model", str(model_path), "--data", str(tiny_dataset), "--out", str(seg), "--episodes", "2",
-                      "--T", "5",
-                      "--k-global", "16", "--k-tracking", "16", "--no-health", "--queries", "segment"]) == 0
+                      "--T", "5", "--k-global", "16", "--k-tracking", "16", "--no-health", "--queries", "segment"]) == 0
     assert json.loads((seg / "results.json").read_text())["episode_set"]["query_mode"] == "segment"
     assert "temperature 0.25 (the model's, for consecutive frames)" in (seg / "results.md").read_text()
     with pytest.raises(SystemExit):

@@ -102,7 +102,7 @@ def calibrate(model: torch.nn.Module, data_dir: str, *, episodes: int = 24, seed
     from dmn_ros.evaluation.health_metrics import collect_runs, fit_inflation
 
     nc = num_contexts
-    eps = make_episode_set(data_dir, split="val", num_episodes=episodes, num_contexts=num_contexts, T=5, seed=seed,
+    eps = make_episode_set(data_dir, split="val", num_episodes=episodes, num_contexts=nc, T=5, seed=seed,
                            query_mode=query_mode)
     best: tuple[float, float] | None = None
     with torch.inference_mode():
