@@ -105,6 +105,22 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
         eval_main(["--model", str(model_path), "--data", str(tiny_dataset), "--out", str(seg), "--queries", "shuffled"])
 
 
+def test_eval_runs_each_query_stream_with_its_own_temperature(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Same weights, only the independent-views temperature differs: random-order runs differ, segment runs do not."""
+    from dmn_ros.evaluation.cli import _run
+
+    weights = DMN()
+    for name, independent in (("hot.pt", 2.0), ("cold.pt", 0.0625)):
+        export_model(weights, tmp_path / name, meters_per_unit=20.0,
+                     calibration={"likelihood_scale": 0.5, "likelihood_scale_independent": independent})
+    hot, cold = load_model(tmp_path / "hot.pt"), load_model(tmp_path / "cold.pt")
+    s = EvalSettings(mode="global", num_particles=32, T=3, num_contexts=4, seed=1)
+    ro = make_episode_set(str(tiny_dataset), num_episodes=2, num_contexts=4, T=3, seed=0, query_mode="random_order")
+    seg = make_episode_set(str(tiny_dataset), num_episodes=2, num_contexts=4, T=3, seed=0, query_mode="segment")
+    assert not np.array_equal(_run(hot, ro, s, "cpu"), _run(cold, ro, s, "cpu"))
+    np.testing.assert_array_equal(_run(hot, seg, s, "cpu"), _run(cold, seg, s, "cpu"))
+
+
 def test_collect_runs_reproduces_run_filter(tiny_dataset: Path) -> None:
     """dmn-eval's health metrics come from the same filter run: collect_runs' errors are run_filter's."""
     eps = make_episode_set(str(tiny_dataset), num_episodes=3, num_contexts=4, T=3, seed=0)
