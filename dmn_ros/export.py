@@ -91,13 +91,16 @@ def export_model(
     description: str = "",
     calibration: dict[str, float] | None = None,
     results: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """Script ``model`` (any kind in :data:`dmn_ros.model.MODEL_KINDS`) and save it with its metadata, atomically.
 
     ``calibration`` (e.g. ``{"covariance_inflation": s}``, fitted on validation runs) is
     stored in ``config["calibration"]``, where the Localizer reads it. ``results`` (JSON values:
     the figures the model reached and how they were measured, see :func:`results_from_eval`) is
-    stored in ``config["results"]`` so a model file says what it is good for.
+    stored in ``config["results"]`` so a model file says what it is good for. ``training`` (the
+    training data's domain, source and camera: :func:`training_data_summary`) goes into
+    ``config["training"]``: a model says which kind of world it was trained for.
     """
     model = model.to("cpu").eval()
     config: dict[str, Any] = model_config(model)  # includes "kind": load_model checks the methods it needs
@@ -105,6 +108,8 @@ def export_model(
         config["calibration"] = {k: float(v) for k, v in calibration.items()}
     if results:
         config["results"] = json.loads(json.dumps(results))  # plain JSON values only, checked here
+    if training:
+        config["training"] = json.loads(json.dumps(training))
     info = ModelInfo(
         image_height=model.image_height,
         image_width=model.image_width,
@@ -192,6 +197,20 @@ def default_model_path() -> Path:
         if c.is_file():
             return c
     return candidates[-1]
+
+
+def training_data_summary(meta: Any, dataset: str) -> dict[str, Any]:
+    """What a model file records of its training data (``meta``: the dataset's ``DatasetMeta``)."""
+    return {"domain": str(meta.domain), "source": str(meta.source), "camera": str(meta.camera),
+            "fov_deg": None if meta.fov_deg is None else float(meta.fov_deg),
+            "image_size": [int(v) for v in meta.image_size], "bounds_m": [float(v) for v in meta.bounds],
+            "dataset": str(dataset)}
+
+
+def training_domain(info: ModelInfo) -> str:
+    """The training data's domain (``maze``, ``rooms``, a user label), or "" for models that predate it."""
+    training = info.config.get("training")
+    return str(training.get("domain", "")) if isinstance(training, dict) else ""
 
 
 def results_from_eval(results_json: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,21 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
 
     assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "again.pt")]) == 0
     assert load_model(tmp_path / "again.pt").info.fingerprint == loaded.info.fingerprint
+    # Both record the training data's domain; a checkpoint from before that record gets it from its
+    # dataset directory, or only the directory's name when that is gone.
+    from dmn_ros.export import training_domain
+    from dmn_ros.training.trainer import save_checkpoint
+
+    assert training_domain(loaded.info) == "maze" and loaded.info.config["training"]["dataset"] == str(tiny_dataset)
+    assert load_model(tmp_path / "again.pt").info.config["training"] == loaded.info.config["training"]
+    old = {k: v for k, v in load_checkpoint(out / CHECKPOINT_BEST).items() if k != "training_data"}
+    save_checkpoint(tmp_path / "old.pt", old)
+    assert export_main([str(tmp_path / "old.pt"), str(tmp_path / "old_model.pt")]) == 0
+    assert training_domain(load_model(tmp_path / "old_model.pt").info) == "maze"
+    save_checkpoint(tmp_path / "gone.pt", {**old, "config": {**old["config"], "data": str(tmp_path / "no_such")}})
+    assert export_main([str(tmp_path / "gone.pt"), str(tmp_path / "gone_model.pt")]) == 0
+    gone = load_model(tmp_path / "gone_model.pt").info
+    assert training_domain(gone) == "" and gone.config["training"] == {"dataset": str(tmp_path / "no_such")}
     # ... and with --calibrate stores a fitted covariance inflation that the Localizer applies.
     from dmn_ros.localizer import Localizer
 

@@ -37,7 +37,7 @@ from std_srvs.srv import Empty
 from visualization_msgs.msg import Marker, MarkerArray
 
 from dmn_ros.errors import DmnError, FingerprintMismatchError, MapError
-from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
+from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model, training_domain
 from dmn_ros.filter import HealthConfig, HealthLevel
 from dmn_ros.geometry import relative, yaw_to_quaternion
 from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, resolve_device
@@ -189,7 +189,9 @@ class LocalizationNode(Node):
             sxy, syaw = float(p["initial_pose.std_xy"]), float(p["initial_pose.std_yaw"])
             self._init_pose([p["initial_pose.x"], p["initial_pose.y"], p["initial_pose.yaw"]],
                             np.diag([sxy**2, sxy**2, syaw**2]))
-        self.get_logger().info(f"localizing with model {self.model.info.fingerprint} on {self.localizer.device}")
+        domain = training_domain(self.model.info) or "an unrecorded domain"
+        self.get_logger().info(f"localizing with model {self.model.info.fingerprint} (trained on {domain}) "
+                               f"on {self.localizer.device}")
 
     # ---- inputs -----------------------------------------------------------------------------
     def _too_far_ahead(self, stamp: float) -> bool:
@@ -499,6 +501,7 @@ class LocalizationNode(Node):
                 })
             values.update({
                 "covariance_inflation": f"{loc.covariance_inflation:.3g}",
+                "model_domain": training_domain(self.model.info) or "unrecorded",
                 "global_relocalizations": str(loc.recoveries["global"]),
                 "injected_particles": str(loc.recoveries["injected_particles"]),
                 "processed": str(self.counters["processed"]),

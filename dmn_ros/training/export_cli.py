@@ -8,7 +8,7 @@ import json
 import torch
 
 from dmn_ros.data.episodes import QueryMode
-from dmn_ros.export import export_model, load_model, results_from_eval, weights_fingerprint
+from dmn_ros.export import export_model, load_model, results_from_eval, training_data_summary, weights_fingerprint
 from dmn_ros.localizer import INDEPENDENT_FRAMES_SUFFIX
 from dmn_ros.training.trainer import load_checkpoint, model_from_checkpoint
 
@@ -60,10 +60,29 @@ def main(argv: list[str] | None = None) -> int:
         results = results_from_eval(ev)
     info = export_model(model, args.out, meters_per_unit=float(state["meters_per_unit"]),
                         area_size_m=float(state["area_size_m"]), description=desc, calibration=calibration,
-                        results=results)
+                        results=results, training=_training_data(state))
     print(f"wrote {args.out}: {info.image_height}x{info.image_width}, {info.meters_per_unit} m/unit, "
           f"fingerprint {info.fingerprint}")
     return 0
+
+
+def _training_data(state: dict) -> dict | None:
+    """The checkpoint's record of its training data; older checkpoints only name the dataset directory."""
+    if isinstance(state.get("training_data"), dict):
+        return state["training_data"]
+    data = str((state.get("config") or {}).get("data", ""))
+    if not data:
+        return None
+    import yaml
+
+    from dmn_ros.data import DatasetDir
+    from dmn_ros.data.dataset_format import DatasetFormatError
+
+    try:
+        return training_data_summary(DatasetDir(data).meta, data)
+    except (OSError, DatasetFormatError, yaml.YAMLError) as exc:
+        print(f"dmn-export: training data {data} unreadable ({exc}); the model records only its path")
+        return {"dataset": data}
 
 
 def _calibration_of(model_path: str, fingerprint: str) -> dict[str, float]:

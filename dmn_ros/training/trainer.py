@@ -29,7 +29,7 @@ from torch import nn
 
 from dmn_ros.data import DatasetDir
 from dmn_ros.data.torch_dataset import EpisodeDataset
-from dmn_ros.export import atomic_write_bytes, export_model
+from dmn_ros.export import atomic_write_bytes, export_model, training_data_summary
 from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, init_uniform, run_episode
 from dmn_ros.geometry import MetricScale, wrap_angle
 from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
@@ -375,6 +375,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         val_ranking = make_episode_set(cfg.data, split="val", num_episodes=cfg.val_episodes, num_contexts=RANK_NC,
                                        T=1, seed=20_000 + cfg.seed)
 
+    training_data = training_data_summary(meta, cfg.data)
+
     def state_dict() -> dict[str, Any]:
         return {
             "model": model.state_dict(),
@@ -386,6 +388,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             "meters_per_unit": scale.meters_per_unit,
             "area_size_m": area,
             "config": cfg.to_dict(),
+            "training_data": training_data,
         }
 
     from tqdm import tqdm
@@ -501,7 +504,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         best = out / CHECKPOINT_BEST
         src = load_checkpoint(best if best.is_file() else last_path)
         info = export_model(model_from_checkpoint(src), exported, meters_per_unit=scale.meters_per_unit,
-                            area_size_m=area,
+                            area_size_m=area, training=src.get("training_data"),
                             description=f"{model_config(model)['kind']} trained on {cfg.data}, step {src['step']}")
         log.info("exported %s (fingerprint %s)", exported, info.fingerprint)
         if writer is not None:
