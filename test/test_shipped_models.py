@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dmn_ros.export import load_model
+from dmn_ros.export import load_model, training_domain
 from dmn_ros.localizer import INDEPENDENT_FRAMES_SUFFIX, Localizer, LocalizerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,10 @@ def test_shipped_model_metadata_matches_results_page(path: Path) -> None:
         assert cal[key] > 0 and cal[key + INDEPENDENT_FRAMES_SUFFIX] > 0, key
     # The node's Localizer runs the robot-stream temperature, not the independent-views one.
     assert Localizer(model, config=LocalizerConfig(device="cpu")).likelihood_scale == cal["likelihood_scale"]
+    # The domain it was trained for is recorded, and the results were measured in that domain.
+    assert training_domain(model.info) in path.stem, (training_domain(model.info), path.name)
     res = model.info.config["results"]
+    assert res["episode_set"]["data"] == model.info.config["training"]["dataset"]
     assert res["episode_set"]["query_mode"] == "random_order" and res["episode_set"]["split"] == "test"
     assert 0.0 <= res["global_success_t1"] <= 1.0 and 0.0 <= res["global_success_t5"] <= 1.0
     page = (ROOT / "docs" / "RESULTS.md").read_text()
