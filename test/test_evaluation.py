@@ -88,14 +88,19 @@ def test_dmn_eval_cli(tiny_dataset: Path, tmp_path: Path) -> None:
     assert (out / "success_vs_t.png").stat().st_size > 1000 and (out / "success_vs_Nc.png").is_file()
     # The paper's protocol (independent views in random order) is the default; robot-like segments on request.
     assert summary["episode_set"]["query_mode"] == "random_order" and "queries random_order" in md
+    assert summary["episode_set"]["domain"] == "maze" and "do not record their training domain" in md
     # Each stream runs with the temperature the model carries for it.
     model_path = tmp_path / "calibrated.pt"
     export_model(DMN(), model_path, meters_per_unit=20.0,
-                 calibration={"likelihood_scale": 0.25, "likelihood_scale_independent": 2.0})
+                 calibration={"likelihood_scale": 0.25, "likelihood_scale_independent": 2.0},
+                 training={"domain": "rooms"})
     ind = tmp_path / "eval_ind"
     assert eval_main(["--model", str(model_path), "--data", str(tiny_dataset), "--out", str(ind), "--episodes", "2",
                       "--T", "5", "--k-global", "16", "--k-tracking", "16", "--no-health"]) == 0
     assert "temperature 2 (the model's, for independent frames)" in (ind / "results.md").read_text()
+    # A rooms model on maze data is flagged: its figures are zero-shot.
+    assert "Trained on the 'rooms' domain, evaluated on 'maze' (another domain: zero-shot)." in (
+        ind / "results.md").read_text()
     seg = tmp_path / "eval_seg"
     assert eval_main(["--model", str(model_path), "--data", str(tiny_dataset), "--out", str(seg), "--episodes", "2",
                       "--T", "5", "--k-global", "16", "--k-tracking", "16", "--no-health", "--queries", "segment"]) == 0

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from dmn_ros.evaluation.protocol import (
     uninformed_errors,
 )
 from dmn_ros.evaluation.ranking import truth_rank
-from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model
+from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model, training_domain
 from dmn_ros.geometry import MetricScale
 from dmn_ros.localizer import model_covariance_inflation, model_likelihood_scale
 from dmn_ros.model import model_kind
@@ -118,6 +119,15 @@ def health_metrics(runs: list[Runs], *, threshold_m: float, inflations: list[flo
     return out
 
 
+def _domain_line(models: list[LoadedModel], data_domain: str) -> str:
+    """Says when a model meets a kind of world it was not trained on: its figures are then zero-shot."""
+    trained = sorted({training_domain(m.info) for m in models} - {""})
+    if not trained:
+        return f"Evaluated on the {data_domain!r} domain; the model files do not record their training domain."
+    line = f"Trained on the {', '.join(repr(d) for d in trained)} domain, evaluated on {data_domain!r}"
+    return line + (" (another domain: zero-shot)." if data_domain not in trained else ".")
+
+
 def _compare_arg(text: str, device: str) -> tuple[str, list[LoadedModel]]:
     """``LABEL=MODEL[,MODEL...]`` → the label and its loaded models (seeds of one kind)."""
     label, sep, paths = text.partition("=")
@@ -174,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
                            T=max(args.T, 5), seed=args.seed, query_mode=args.queries)
     thr = success_threshold_m(eps.area_size_m)
+    domain_line = _domain_line(models, str(eps.description["domain"]))
+    if "zero-shot" in domain_line:
+        print(f"dmn-eval: note: {domain_line}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     T = max(args.T, 5)
@@ -235,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     for m in models)
         + (" (the model's, for independent frames)." if _independent_frames(eps) else
            " (the model's, for consecutive frames)."),
+        "",
+        domain_line,
         "",
         "| method | global success t=1 (%) | global success t=5 (%) | tracking RMSE t=5 (m) |",
         "|---|---|---|---|",

@@ -95,7 +95,7 @@ def make_episode_set(
                                              query_mode=query_mode, context_mode="random",
                                              odom_noise=odom_noise, area_size_m=area))
     desc = {"data": data_dir, "split": split, "episodes": num_episodes, "seed": seed, "T": T,
-            "odom_noise": list(odom_noise), "query_mode": query_mode}
+            "odom_noise": list(odom_noise), "query_mode": query_mode, "domain": ds.meta.domain}
     return EpisodeSet(eps, area, tuple(ds.meta.bounds), ds.meta.metric_scale(), desc)
 
 
