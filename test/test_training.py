@@ -102,6 +102,13 @@ def test_train_checkpoint_resume_export(tiny_dataset: Path, tmp_path: Path) -> N
     refit = load_model(tmp_path / "refit.pt").info.config["calibration"]
     assert refit["likelihood_scale"] == 0.3 and refit["covariance_inflation"] == 1.7
     assert refit["likelihood_scale_independent"] in SCALE_GRID and refit["covariance_inflation_independent"] > 0
+    # Streams fitted in separate runs combine: later files win on the keys they share.
+    export_model(best, tmp_path / "ind_only.pt", meters_per_unit=20.0,
+                 calibration={"likelihood_scale_independent": 2.0, "covariance_inflation": 0.9})
+    assert export_main([str(out / CHECKPOINT_BEST), str(tmp_path / "both.pt"), "--calibration-from",
+                        str(tmp_path / "seeded.pt"), "--calibration-from", str(tmp_path / "ind_only.pt")]) == 0
+    assert load_model(tmp_path / "both.pt").info.config["calibration"] == {
+        "likelihood_scale": 0.3, "covariance_inflation": 0.9, "likelihood_scale_independent": 2.0}
     assert re_info.config["results"] == {"global_success_t1": 0.25, "global_success_t5": 0.75,
                                          "tracking_rmse_m_t5": 1.5, "success_threshold_m": 8.94,
                                          "episode_set": {"split": "test", "episodes": 4}}

@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
                         "feeds the node) writes likelihood_scale and covariance_inflation; random_order "
                         "(independent views, the paper's protocol) writes the same keys suffixed _independent")
     p.add_argument("--calibrate-nc", type=int, default=16, help="contexts per map during calibration")
-    p.add_argument("--calibration-from", metavar="MODEL", default="",
+    p.add_argument("--calibration-from", metavar="MODEL", action="append", default=[],
                    help="copy the calibration of an exported model with the same weights (re-export; with "
-                        "--calibrate, what is not re-fitted is kept)")
+                        "--calibrate, what is not re-fitted is kept); repeat it to combine streams fitted in "
+                        "separate runs, later files winning on shared keys")
     p.add_argument("--results", metavar="RESULTS_JSON", default="",
                    help="a dmn-eval results.json of these weights: its headline figures go into the metadata")
     args = p.parse_args(argv)
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     if args.calibrate and state["model_config"].get("kind", "dmn") == "regression":
         p.error("--calibrate fits particle-filter temperatures; the regression baseline has no particles")
-    if args.calibration_from:
-        calibration = _calibration_of(args.calibration_from, weights_fingerprint(model))
+    for source in args.calibration_from:
+        calibration = {**(calibration or {}), **_calibration_of(source, weights_fingerprint(model))}
     if args.calibrate:  # on top of a copied calibration: re-fit one frame stream, keep the other
         calibration = dict(calibration or {})
         modes = [m.value for m in QueryMode] if args.calibrate_queries == "both" else [args.calibrate_queries]
