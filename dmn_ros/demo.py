@@ -1,4 +1,4 @@
-"""``make demo``: global localization in unseen mazes, sim → mapping → localization over real DDS.
+"""``make demo``: global localization in unseen mazes (or rooms), sim → mapping → localization over real DDS.
 
 ``ros2 launch`` is not installable here, so this composes the launch file's three
 nodes in one process (a MultiThreadedExecutor) with the same YAML, drives the
@@ -87,17 +87,22 @@ def _plot(path: Path, world: Any, frames: list[dict[str, Any]], contexts: np.nda
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=4, help="global-localization episodes (unseen mazes)")
+    ap.add_argument("--episodes", type=int, default=4, help="global-localization episodes (unseen worlds)")
     ap.add_argument("--steps", type=int, default=5, help="filter steps per episode (paper: t = 1 and t = 5)")
     ap.add_argument("--first-seed", type=int, default=TEST_SEED_OFFSET, help="world seed of episode 0")
     ap.add_argument("--model", default="", help="exported model (default: the shipped models/dmn_maze32.pt)")
     ap.add_argument("--params-file", default="", help="ROS parameters YAML (default: config/dmn_localize.yaml)")
     ap.add_argument("--particles", type=int, default=0, help="override max_particles (YAML: 2048)")
     ap.add_argument("--out", default="out/demo", help="directory for the belief PNGs")
+    from dmn_ros.worlds import DOMAINS
+
+    ap.add_argument("--domain", default="", choices=["", *sorted(DOMAINS)],
+                    help="world family of the sim (default: the model's training domain when the sim has "
+                         "it, else the params file's sim_node domain)")
     args = ap.parse_args(argv)
 
     from dmn_ros.errors import ModelLoadError
-    from dmn_ros.export import default_model_path, load_model
+    from dmn_ros.export import default_model_path, load_model, training_domain
     from dmn_ros.localizer import resolve_device
 
     model_path = Path(args.model) if args.model else default_model_path()
@@ -138,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     loc_extra: dict[str, Any] = {"update_min_d": 0.0, "update_min_a": 0.0}
     if args.particles:
         loc_extra["max_particles"] = args.particles
-    sim = SimNode(parameter_overrides=overrides("sim_node", rate=0.0, world_seed=args.first_seed))
+    sim_extra: dict[str, Any] = {"rate": 0.0, "world_seed": args.first_seed}
+    domain = args.domain or (training_domain(model.info) if training_domain(model.info) in DOMAINS else "")
+    if domain:  # a rooms model is shown in rooms, not in the mazes it never saw
+        sim_extra["domain"] = domain
+    sim = SimNode(parameter_overrides=overrides("sim_node", **sim_extra))
     mapping = MappingNode(model=model, parameter_overrides=overrides("mapping_node", map_file=""))
     loc = LocalizationNode(model=model, parameter_overrides=overrides("localization_node", **loc_extra))
     probe = rclpy.create_node("dmn_demo")
@@ -169,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dmn-demo: model {model_path} ({model.info.fingerprint}), {model.info.image_height}x"
           f"{model.info.image_width} images, device {loc.localizer.device}, ROS_DOMAIN_ID "
           f"{os.environ['ROS_DOMAIN_ID']}, params {params_file}")
-    print(f"global localization, K = {loc.localizer.config.max_particles}, {sim.p['num_contexts']} contexts, "
+    print(f"global localization in {sim.p['domain']} worlds, K = {loc.localizer.config.max_particles}, "
+          f"{sim.p['num_contexts']} contexts, "
           f"systematic resampling at ESS < {loc.localizer.config.resample_threshold}·K; "
           f"success: x-y error < {threshold:.2f} m")
     print(f"{'episode':>7} {'world':>9} {'step':>4} {'err_xy_m':>9} {'success':>7} {'spread_m':>8} "
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(ok)
             png = out_dir / f"episode_{ep:02d}_world_{seed}.png"
             _plot(png, sim.world, frames, sim.context_poses,
-                  f"world {seed}: global localization, K={loc.localizer.config.max_particles}")
+                  f"{sim.p['domain']} world {seed}: global localization, K={loc.localizer.config.max_particles}")
     except TimeoutError as exc:
         print(f"dmn-demo: {exc}", file=sys.stderr)
         return 1

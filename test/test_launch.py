@@ -111,3 +111,20 @@ def test_demo_without_model_fails_clearly(tmp_path, capsys):
 
     assert main(["--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
     assert "no trained model" in capsys.readouterr().err
+
+
+def test_demo_runs_in_the_world_family_the_model_was_trained_for(tmp_path, capsys):
+    """A rooms model is demonstrated in rooms; ``--domain`` overrides. Real nodes over DDS, one short episode."""
+    from dmn_ros.demo import main
+    from dmn_ros.export import export_model
+    from dmn_ros.model import DMN
+
+    model = tmp_path / "rooms.pt"
+    export_model(DMN(), model, meters_per_unit=20.0, training={"domain": "rooms"})
+    args = ["--model", str(model), "--episodes", "1", "--steps", "1", "--particles", "64", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "global localization in rooms worlds" in out and "success rate" in out
+    assert list((tmp_path / "o").glob("episode_00_world_*.png"))
+    assert main([*args, "--domain", "maze"]) == 0
+    assert "global localization in maze worlds" in capsys.readouterr().out
