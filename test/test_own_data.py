@@ -112,7 +112,11 @@ def test_bag_to_finetune_to_node_to_eval(recorded_bag: Path, tmp_path: Path, cap
         exported = train(cfg, progress=False)
     assert "normalizing with the model's" in caplog.text
     tuned = load_model(exported)
-    assert tuned.info.meters_per_unit == 20.0 and tuned.info.config == init_info.config
+    # Same architecture as the init; the file now records the bag's dataset as its training data.
+    assert tuned.info.meters_per_unit == 20.0
+    assert {k: v for k, v in tuned.info.config.items() if k != "training"} == init_info.config
+    assert tuned.info.config["training"]["dataset"] == str(data)
+    assert tuned.info.config["training"]["domain"] == ds.meta.domain
     assert tuned.info.fingerprint != init_info.fingerprint  # the steps changed the weights
 
     # The node's filter runs on it: map from the training environment's views, one step.
