@@ -116,6 +116,7 @@ def test_shipped_model_within_bound(bags, tmp_path):
     # Tracking from a 6 m / 30° prior around the first pose in a 40 m maze: the estimate must stay
     # far better than chance (the uniform-prior error is ~15 m); bound: RMSE over the run < 8.94 m.
     assert res["metrics"]["rmse_m"] < 8.94
+    assert res["model"]["training_domain"] == "maze"  # the bags are recorded in mazes, as the model was trained
 
 
 def _copy(src, dst):
@@ -361,6 +362,8 @@ def test_filter_run_health_keys_and_recovery_options(kidnapped, model, tmp_path,
     assert "recov" in out and "cov95" in out
     s = json.loads((tmp_path / "on" / "summary.json").read_text())
     assert s["options"]["lost_updates_before_global"] == 1 and s["options"]["recovery_alpha_fast"] == 0.1
+    # the summary names the weights; this untrained export records no training data
+    assert s["model"] == {"path": str(model.path), "fingerprint": model.info.fingerprint, "training_domain": None}
     h = s["metrics"]["health"]
     n = s["frames_processed"]
     first_after = next(i for i, f in enumerate(s["frame_indices"]) if f >= KIDNAP_AT - 1)

@@ -511,6 +511,11 @@ def evaluate_bag(bag: str | Path, opts: EvalOptions, *, out_dir: str | Path | No
         "world": data.custom_data.get("dmn_ros.world"),
         "metrics": metrics,
     }
+    if model is not None:  # which weights, trained for which kind of world, produced these figures
+        from dmn_ros.export import training_domain
+
+        result["model"] = {"path": model.path, "fingerprint": model.info.fingerprint,
+                           "training_domain": training_domain(model.info) or None}
     if out_dir is not None:
         write_outputs(Path(out_dir), stamps=stamps, poses=poses, gt=data.ground_truth, contexts=contexts,
                       result=result, opts=opts)
