@@ -467,6 +467,29 @@ def test_localization_restart_resumes_from_saved_pose(rig, untrained, tmp_path):
     assert resolve_pose_file("", "/robot2", "localization_node").name == "dmn_ros_robot2_localization_node_pose.yaml"
 
 
+def test_a_save_that_finds_nothing_new_waits_for_the_save_in_flight(rig, monkeypatch):
+    """The save timer and a shutdown save can overlap: the second must not return before the file is written."""
+    import dmn_ros.ros.localization_node as node_mod
+
+    s = rig.s
+    rig.good_step()
+    s.loc.pose_file.unlink(missing_ok=True)
+    real_write = node_mod.atomic_write_bytes
+
+    def slow_write(path, data):  # a slow disk
+        time.sleep(0.5)
+        real_write(path, data)
+
+    monkeypatch.setattr(node_mod, "atomic_write_bytes", slow_write)
+    first = threading.Thread(target=s.loc.save_pose)
+    first.start()
+    time.sleep(0.1)  # the first save has claimed this estimate and is writing
+    assert s.loc.save_pose() is False  # nothing new to save ...
+    mean, _ = read_pose_file(s.loc.pose_file, frame_id="map")  # ... but the file is there and current
+    np.testing.assert_allclose(mean, s.loc.last_estimate.mean, atol=1e-9)
+    first.join()
+
+
 def test_peer_disappears_mid_share(untrained, tmp_path):
     r1, r2 = Robot(untrained, tmp_path, "peer1"), Robot(untrained, tmp_path, "peer2")
     stop = threading.Event()

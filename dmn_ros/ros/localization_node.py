@@ -149,6 +149,8 @@ class LocalizationNode(Node):
         """Where the last estimate is saved (``save_pose_rate``) and read (``initialize_at_saved_pose``)."""
         self.pose_saves = 0
         self._saved_processed = -1
+        self._save_lock = threading.Lock()
+        """Serializes pose saves: a save that finds nothing new must not return while another is still writing."""
 
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "dmn_pose", POSE_QOS)
         self.cloud_pub = self.create_publisher(PoseArray, "particle_cloud", PARTICLE_QOS)
@@ -584,7 +586,15 @@ class LocalizationNode(Node):
 
     # ---- pose persistence (AMCL's save_pose_rate) -------------------------------------------
     def save_pose(self) -> bool:
-        """Write the last estimate and its covariance to ``pose_file`` atomically (if it changed)."""
+        """Write the last estimate and its covariance to ``pose_file`` atomically (if it changed).
+
+        The timer and a shutdown or service call may save at once; whichever comes second waits
+        for the first write, so the file holds the newest estimate once either returns.
+        """
+        with self._save_lock:
+            return self._save_pose_locked()
+
+    def _save_pose_locked(self) -> bool:
         with self._lock:
             est, stamp, n = self.last_estimate, self.last_stamp, self.counters["processed"]
             if est is None or n == self._saved_processed:
