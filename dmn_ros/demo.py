@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.particles:
         loc_extra["max_particles"] = args.particles
     sim_extra: dict[str, Any] = {"rate": 0.0, "world_seed": args.first_seed}
-    domain = args.domain or (training_domain(model.info) if training_domain(model.info) in DOMAINS else "")
+    trained_in = training_domain(model.info)
+    domain = args.domain or (trained_in if trained_in in DOMAINS else "")
     if domain:  # a rooms model is shown in rooms, not in the mazes it never saw
         sim_extra["domain"] = domain
     sim = SimNode(parameter_overrides=overrides("sim_node", **sim_extra))

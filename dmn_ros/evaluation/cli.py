@@ -119,13 +119,14 @@ def health_metrics(runs: list[Runs], *, threshold_m: float, inflations: list[flo
     return out
 
 
-def _domain_line(models: list[LoadedModel], data_domain: str) -> str:
-    """Says when a model meets a kind of world it was not trained on: its figures are then zero-shot."""
+def _domain_line(models: list[LoadedModel], data_domain: str) -> tuple[str, bool]:
+    """Says when a model meets a kind of world it was not trained on (its figures are then zero-shot)."""
     trained = sorted({training_domain(m.info) for m in models} - {""})
     if not trained:
-        return f"Evaluated on the {data_domain!r} domain; the model files do not record their training domain."
+        return f"Evaluated on the {data_domain!r} domain; the model files do not record their training domain.", False
+    zero_shot = data_domain not in trained
     line = f"Trained on the {', '.join(repr(d) for d in trained)} domain, evaluated on {data_domain!r}"
-    return line + (" (another domain: zero-shot)." if data_domain not in trained else ".")
+    return line + (" (another domain: zero-shot)." if zero_shot else "."), zero_shot
 
 
 def _compare_arg(text: str, device: str) -> tuple[str, list[LoadedModel]]:
@@ -184,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
                            T=max(args.T, 5), seed=args.seed, query_mode=args.queries)
     thr = success_threshold_m(eps.area_size_m)
-    domain_line = _domain_line(models, str(eps.description["domain"]))
-    if "zero-shot" in domain_line:
+    domain_line, zero_shot = _domain_line(models, str(eps.description["domain"]))
+    if zero_shot:
         print(f"dmn-eval: note: {domain_line}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
