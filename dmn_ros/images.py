@@ -18,6 +18,7 @@ __all__ = [
     "MAX_COMPRESSED_PIXELS",
     "SUPPORTED_ENCODINGS",
     "ImageDecodeError",
+    "as_model_image",
     "compressed_size",
     "decode_compressed",
     "decode_raw",
@@ -179,3 +180,37 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 def prepare_image(rgb: np.ndarray, *, height: int, width: int) -> torch.Tensor:
     """Resize then convert: what a node does to every frame before the model sees it."""
     return to_tensor(resize_rgb(rgb, height=height, width=width))
+
+
+def as_model_image(image: np.ndarray | torch.Tensor, *, height: int, width: int) -> torch.Tensor:
+    """Any image a Python user holds → the model's float32 ``(3, height, width)`` in [0, 1].
+
+    Accepts numpy arrays and torch tensors, channels last ``(H, W, 3)`` (the camera convention)
+    or first ``(3, H, W)`` (torch's), uint8 in [0, 255] or float in [0, 1]. uint8 numpy frames
+    take the nodes' exact path (:func:`prepare_image`), so the API and ROS see identical inputs.
+    Floats outside [0, 1] are refused rather than clipped: they usually mean 0–255 floats,
+    which would silently saturate every pixel.
+    """
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return prepare_image(image, height=height, width=width)
+    t = torch.as_tensor(image).detach().cpu() if not isinstance(image, torch.Tensor) else image.detach().cpu()
+    if t.dim() != 3 or 3 not in (t.shape[0], t.shape[2]):
+        raise ImageDecodeError(f"expected an RGB image (H, W, 3) or (3, H, W), got shape {tuple(t.shape)}")
+    if t.shape[2] == 3:
+        t = t.permute(2, 0, 1)
+    if t.dtype == torch.uint8:
+        t = t.float().div_(255.0)
+    elif t.is_floating_point():
+        t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise ImageDecodeError("image has non-finite pixels")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageDecodeError(f"float images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
+                                   "(divide 0-255 floats by 255)")
+    else:
+        raise ImageDecodeError(f"expected uint8 or float pixels, got {t.dtype}")
+    if tuple(t.shape[1:]) != (height, width):  # the same cv2 area filter as the uint8 path
+        hwc = resize_rgb(np.ascontiguousarray(t.permute(1, 2, 0).numpy()), height=height, width=width)
+        t = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
+    return t.contiguous()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dmn_ros.errors import DmnError
+from dmn_ros.errors import DmnError, MapError
 from dmn_ros.export import LoadedModel
 from dmn_ros.filter import (
     Belief,
@@ -40,8 +40,8 @@ from dmn_ros.filter import (
 )
 from dmn_ros.filter.health import after_injection
 from dmn_ros.filter.kld import AMCL_BIN_XY_M, AMCL_BIN_YAW_RAD, KldConfig
-from dmn_ros.geometry import MetricScale
-from dmn_ros.images import prepare_image
+from dmn_ros.geometry import MetricScale, relative
+from dmn_ros.images import as_model_image
 from dmn_ros.maps import ViewMap
 from dmn_ros.model.kinds import PARTICLE_FILTER_KINDS, model_kind
 
@@ -50,6 +50,7 @@ __all__ = [
     "Localizer",
     "LocalizerConfig",
     "NotReadyError",
+    "build_map",
     "embed_images",
     "model_covariance_inflation",
     "model_likelihood_scale",
@@ -151,16 +152,43 @@ class Estimate:
     ``adaptive_particles`` or a global restart)."""
 
 
-def embed_images(model: LoadedModel, images: Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
-    """Context images (RGB uint8 ``(H, W, 3)`` each, any size) → embeddings ``(N, D, h, w)`` float32."""
-    if isinstance(images, torch.Tensor):
-        batch = images
-    else:
-        h, w = model.info.image_height, model.info.image_width
-        batch = torch.stack([prepare_image(np.asarray(im), height=h, width=w) for im in images])
+def embed_images(model: LoadedModel, images: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor
+                 ) -> np.ndarray:
+    """Context images → embeddings ``(N, D, h, w)`` float32.
+
+    Each image is anything :func:`~dmn_ros.images.as_model_image` takes (numpy or torch, ``(H, W, 3)``
+    or ``(3, H, W)``, uint8 or float in [0, 1], any size); a 4-D array or tensor is a batch of them.
+    """
+    h, w = model.info.image_height, model.info.image_width
+    if len(images) == 0:
+        return np.zeros((0, *model.info.embed_shape), dtype=np.float32)
+    batch = torch.stack([as_model_image(im, height=h, width=w) for im in images])
     with torch.inference_mode():
         emb = model.module.embed_views(batch.to(model.device))
     return emb.float().cpu().numpy()
+
+
+def build_map(
+    model: LoadedModel,
+    images: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor,
+    poses: np.ndarray | Sequence[Sequence[float]],
+    *,
+    ids: Sequence[str] | None = None,
+    frame_id: str = "map",
+) -> ViewMap:
+    """A view-embedding map from context images and their metric ``(x, y, yaw)`` poses in ``frame_id``.
+
+    The map carries ``model``'s fingerprint, so a Localizer with other weights refuses it. Ids
+    default to ``"view/000000"``…; give your own to merge maps from several robots later.
+    """
+    pos = np.asarray(poses, dtype=np.float64)
+    n = len(images)
+    if pos.shape != (n, 3):
+        raise MapError(f"{n} images need poses of shape ({n}, 3), got {pos.shape}")
+    vm = ViewMap.for_model(model.info, frame_id=frame_id)
+    vm.add(embeddings=embed_images(model, images), poses=pos,
+           ids=list(ids) if ids is not None else [f"view/{i:06d}" for i in range(n)])
+    return vm
 
 
 INDEPENDENT_FRAMES_SUFFIX = "_independent"
@@ -374,15 +402,7 @@ class Localizer:
 
     # ---- filtering --------------------------------------------------------------------------
     def _query(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        h, w = self.info.image_height, self.info.image_width
-        if isinstance(image, torch.Tensor):
-            q = image.float()
-            if q.dim() != 3 or q.shape[0] != 3:
-                raise ValueError(f"image tensor must be (3, H, W), got {tuple(q.shape)}")
-            if tuple(q.shape[1:]) != (h, w):
-                q = torch.nn.functional.interpolate(q[None], size=(h, w), mode="area")[0]
-        else:
-            q = prepare_image(np.asarray(image), height=h, width=w)
+        q = as_model_image(image, height=self.info.image_height, width=self.info.image_width)
         return q.unsqueeze(0).to(self.device)
 
     @torch.inference_mode()
@@ -463,6 +483,28 @@ class Localizer:
                 self.recoveries["injected_particles"] += count
                 return f"injected {count}"
         return ""
+
+    def localize(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor,
+        odometry: np.ndarray | Sequence[Sequence[float]] | None = None,
+    ) -> list[Estimate]:
+        """Run the filter over a sequence of frames; one :class:`Estimate` per frame.
+
+        ``odometry`` is the robot's ``(T, 3)`` metric odometry pose at each frame, in any fixed frame
+        (only the change between consecutive frames is used, as the node uses its odom buffer);
+        None means the robot stands still. The first frame is weighed where the belief already is,
+        so call :meth:`init_global` or :meth:`init_pose` first, and again for an unrelated sequence.
+        """
+        n = len(images)
+        odo = None if odometry is None else np.asarray(odometry, dtype=np.float64)
+        if odo is not None and odo.shape != (n, 3):
+            raise ValueError(f"{n} frames need odometry of shape ({n}, 3), got {odo.shape}")
+        out: list[Estimate] = []
+        for t in range(n):
+            delta = None if odo is None or t == 0 else relative(odo[t - 1], odo[t])
+            out.append(self.step(images[t], delta))
+        return out
 
     def nomotion_update(self, image: np.ndarray | torch.Tensor) -> Estimate:
         """Weigh with ``image`` without moving the particles (nav2_amcl's ``request_nomotion_update``)."""
