@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-TEST_SEED_OFFSET = 20_000_000
+from dmn_ros.data.dataset_format import SPLIT_SEED_OFFSETS
+
+TEST_SEED_OFFSET = SPLIT_SEED_OFFSETS["test"]
 """Worlds of the test split (never trained on)."""
 
 

@@ -26,12 +26,13 @@ import numpy as np
 
 from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.topics import TopicNames
+from dmn_ros.data.dataset_format import SPLIT_SEED_OFFSETS
 from dmn_ros.geometry import compose, relative, wrap_angle, yaw_to_quaternion
 from dmn_ros.images import encode_raw
 
 __all__ = ["KIDNAP_AT_STEP_KEY", "KIDNAP_STAMP_KEY", "RecordConfig", "Storage", "main", "record_bag", "typestore"]
 
-TEST_SEED = 20_000_000
+TEST_SEED = SPLIT_SEED_OFFSETS["test"]
 """First test-split world seed (unseen in training)."""
 KIDNAP_STAMP_KEY = "dmn_ros.kidnap_stamp"
 """``custom_data`` key: header stamp (s) of the first camera frame after the teleport. A stamp, not a frame
