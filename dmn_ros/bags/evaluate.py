@@ -341,7 +341,7 @@ def aggregate(results: list[dict[str, Any]], success_steps: tuple[int, ...]) -> 
 # ---- offline replay -------------------------------------------------------------------------
 def build_map(data: BagData, model: Any, opts: EvalOptions) -> Any:
     """The view-embedding map for ``opts.map_source`` (contexts embedded with the model's CNN1)."""
-    from dmn_ros.localizer import embed_images
+    from dmn_ros.localizer import build_map as build_view_map
     from dmn_ros.maps import ViewMap
 
     if opts.map_source == MapSource.FILE:
@@ -369,10 +369,7 @@ def build_map(data: BagData, model: Any, opts: EvalOptions) -> Any:
         stamps = [float(data.frame_stamps[i]) for i in pick]
         images = [data.image(i) for i in pick]
         poses = truth[pick]
-    vm = ViewMap.for_model(model.info, frame_id="map")
-    vm.add(embeddings=embed_images(model, images), poses=poses,
-           ids=[f"bag/{i:06d}@{s:.3f}" for i, s in enumerate(stamps)])
-    return vm
+    return build_view_map(model, images, poses, ids=[f"bag/{i:06d}@{s:.3f}" for i, s in enumerate(stamps)])
 
 
 def make_localizer(model: Any, view_map: Any, data: BagData, opts: EvalOptions) -> Any:
