@@ -14,7 +14,9 @@ from dmn_ros.images import ImageDecodeError, as_model_image
 from dmn_ros.localizer import Localizer, LocalizerConfig, build_map, embed_images
 from dmn_ros.maps import ViewMap
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+API_DOC = ROOT / "docs" / "api.md"
 RNG = np.random.default_rng(7)
 
 
@@ -32,6 +34,22 @@ def test_readme_example_runs_as_written(capsys):
     for ln in lines:
         err, spread = (float(v) for v in re.findall(r"([\d.]+) m", ln))
         assert 0.0 <= err < 60.0 and 0.0 <= spread < 30.0  # inside the 40 m maze's diagonal
+
+
+def test_api_doc_runs_as_one_script(capsys):
+    """docs/api.md's blocks, in order and sharing one namespace, as the page says they run."""
+    blocks = re.findall(r"```python\n(.*?)```", API_DOC.read_text(), re.S)
+    assert len(blocks) >= 3
+    ns: dict = {"__name__": "api_doc"}
+    for block in blocks:
+        exec(compile(block, str(API_DOC), "exec"), ns)
+    out = capsys.readouterr().out
+    assert ns["info"].fingerprint in out
+    errors = [float(v) for v in re.findall(r"^error ([\d.]+) m", out, re.M)]
+    assert len(errors) == 6
+    # Tracking from 0.7 m off with the map of this maze: it must stay localized (the shipped model
+    # tracks such starts within about a metre; a lost filter drifts by many metres in six frames).
+    assert max(errors) < 3.0, errors
 
 
 def test_every_image_form_gives_the_node_input():
