@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
           f"systematic resampling at ESS < {loc.localizer.config.resample_threshold}·K; "
           f"success: x-y error < {threshold:.2f} m")
     print(f"{'episode':>7} {'world':>9} {'step':>4} {'err_xy_m':>9} {'success':>7} {'spread_m':>8} "
-          f"{'ESS':>6} {'latency_ms':>10}")
+          f"{'converged':>9} {'ESS':>6} {'latency_ms':>10}")
     results: list[list[bool]] = []
+    converged_last: list[bool] = []
     t_start = time.monotonic()
     try:
         for ep in range(args.episodes):
@@ -213,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                 ok.append(err < threshold)
                 frames.append({"t": t, "truth": truth, "estimate": est, "error": err,
                                "particles": loc.localizer.particles_metric(), "weights": loc.localizer.weights()})
+                conv = "yes" if e.health is not None and e.health.converged else "no"
                 print(f"{ep:>7} {seed:>9} {t:>4} {err:>9.2f} {('yes' if ok[-1] else 'no'):>7} "
-                      f"{e.spread:>8.2f} {e.ess:>6.0f} {e.latency_ms:>10.0f}", flush=True)
+                      f"{e.spread:>8.2f} {conv:>9} {e.ess:>6.0f} {e.latency_ms:>10.0f}", flush=True)
             results.append(ok)
+            converged_last.append(conv == "yes")
             png = out_dir / f"episode_{ep:02d}_world_{seed}.png"
             _plot(png, sim.world, frames, sim.context_poses,
                   f"{sim.p['domain']} world {seed}: global localization, K={loc.localizer.config.max_particles}")
@@ -231,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"success rate = #episodes with err_xy < {threshold:.2f} m / #episodes: "
           f"t=1 {r[:, 0].mean():.0%}, t={args.steps} {r[:, -1].mean():.0%} "
           f"({len(results)} episodes, worlds {args.first_seed}..{args.first_seed + len(results) - 1}, one seed)")
+    print(f"converged at t={args.steps}: {sum(converged_last)} of {len(results)} episodes (docs/health.md); a "
+          "success without convergence is a spread belief whose mean happens to lie near the robot")
     print(f"belief plots: {out_dir.resolve()}  ({time.monotonic() - t_start:.0f} s)")
     return 0
 

@@ -125,6 +125,7 @@ def test_demo_runs_in_the_world_family_the_model_was_trained_for(tmp_path, capsy
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "global localization in rooms worlds" in out and "success rate" in out
+    assert "converged at t=1: 0 of 1 episodes" in out  # converged needs 3 concentrated updates (health.md)
     assert list((tmp_path / "o").glob("episode_00_world_*.png"))
     assert main([*args, "--domain", "maze"]) == 0
     assert "global localization in maze worlds" in capsys.readouterr().out
