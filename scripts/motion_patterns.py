@@ -48,17 +48,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--spin", type=int, default=8, help="frames per full turn (45° each at 8)")
     ap.add_argument("--threshold-m", type=float, default=8.94)
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of " + ", ".join(PATTERNS))
+    ap.add_argument("--temperatures", default="",
+                    help="comma-separated log-likelihood temperatures (default: the two the model carries)")
+    ap.add_argument("--split", default="test", choices=sorted(SPLIT_SEED_OFFSETS), help="world seeds of this split")
     ap.add_argument("--out", default="out/motion_patterns.json")
     args = ap.parse_args()
+    patterns = [p for p in args.patterns.split(",") if p]
+    if unknown := set(patterns) - set(PATTERNS):
+        ap.error(f"unknown patterns {sorted(unknown)}")
     torch.set_num_threads(1)
     model = load_model(args.model, device=torch.device("cpu"))
     report: dict[str, dict] = {}
-    for stream in ("robot", "independent"):  # the two temperatures the model file carries
-        scale = model_likelihood_scale(model.info.config, independent_frames=stream == "independent")
-        for pattern in PATTERNS:
+    if args.temperatures:
+        streams = [(f"T={t}", float(t)) for t in args.temperatures.split(",")]
+    else:  # the two temperatures the model file carries
+        streams = [(s, model_likelihood_scale(model.info.config, independent_frames=s == "independent"))
+                   for s in ("robot", "independent")]
+    for stream, scale in streams:
+        for pattern in patterns:
             errors = []
             for i in range(args.worlds):
-                seed = SPLIT_SEED_OFFSETS["test"] + i
+                seed = SPLIT_SEED_OFFSETS[args.split] + i
                 world = make_world("maze", seed=seed, image_size=(model.info.image_height, model.info.image_width))
                 rng = np.random.default_rng(seed)
                 drive = smooth_trajectory(world, rng, steps=args.steps)
@@ -74,8 +85,10 @@ def main() -> None:
             success = (err < args.threshold_m).mean(axis=0)
             report[f"{stream}/{pattern}"] = {"likelihood_scale": scale, "success": success.tolist(),
                                              "errors": err.tolist()}
-            print(f"temperature {scale:<6} ({stream:11s}) {pattern:11s} success at t = 1, 4, 8, 12: "
-                  + ", ".join(f"{100 * success[t]:.0f} %" for t in (0, 3, 7, 11) if t < args.steps), flush=True)
+            shown = [t for t in (0, 3, 4, 7, 11) if t < args.steps]
+            print(f"temperature {scale:<6} ({stream:11s}) {pattern:11s} success at t = "
+                  + ", ".join(str(t + 1) for t in shown) + ": "
+                  + ", ".join(f"{100 * success[t]:.0f} %" for t in shown), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report))
 
