@@ -2,8 +2,9 @@
 
 The question behind it: a robot's consecutive frames localize far worse than the paper's independent
 views (docs/RESULTS.md). Would turning on the spot first, as robots do for AMCL, give the filter the
-independent evidence it lacks? Sim-like episodes (a test maze per episode, free-space contexts, the
-uniform prior over the map, K = 2048) through the public API, so the figures are what the node gets.
+independent evidence it lacks? Sim-like episodes (one maze of ``--split`` per episode, free-space
+contexts, the uniform prior over the map, K = 2048) through the public API, so the figures are what
+the node gets.
 
     .venv/bin/python scripts/motion_patterns.py models/dmn_maze32_global.pt --worlds 24 --out out/motion.json
 """
@@ -57,6 +58,8 @@ def main() -> None:
     patterns = [p for p in args.patterns.split(",") if p]
     if unknown := set(patterns) - set(PATTERNS):
         ap.error(f"unknown patterns {sorted(unknown)}")
+    if "spin_drive" in patterns and args.steps < args.spin:
+        ap.error(f"spin_drive needs --steps >= --spin ({args.spin})")
     torch.set_num_threads(1)
     model = load_model(args.model, device=torch.device("cpu"))
     report: dict[str, dict] = {}
