@@ -234,6 +234,48 @@ def test_rank_negatives_mix_near_annulus_and_uniform_map() -> None:
         load_config(None, ["rank_near_radius_m=[5.0, 2.0]"])
 
 
+def test_mined_negatives_are_the_best_scoring_far_poses(tiny_dataset: Path) -> None:
+    """Mined negatives are the top scorers among the candidates farther than ``rank_hard_min_m``; the term trains."""
+    from dmn_ros.filter import encode_map, init_uniform
+    from dmn_ros.geometry import MetricScale
+    from dmn_ros.training.trainer import EpisodeLoss
+
+    cfg = load_config(None, ["rank_weight=1", "rank_negatives=16", "rank_hard_fraction=0.25",
+                             "rank_hard_candidates=64", "rank_hard_min_m=10.0", "num_particles=8"])
+    torch.manual_seed(0)
+    model = DMN()
+    crit = EpisodeLoss(model, cfg, MetricScale(20.0))
+    batch = _rank_batch(tiny_dataset, cfg)
+    truth = batch["query_poses"][:, 0]
+    pm = encode_map(model, images=batch["context_images"], poses=batch["context_poses"])
+    q, hq = model.prepare_query(batch["query_images"][:, 0])
+    torch.manual_seed(5)
+    mined = crit.mined_negatives(pm, q, hq, truth, 4)
+    assert mined.shape == (4, 4, 3) and not mined.requires_grad
+    torch.manual_seed(5)  # the same candidates, scored here independently
+    cand = init_uniform(batch=4, num_particles=64, bounds=crit.bounds).particles
+    with torch.no_grad():
+        ll = model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, cand, 0)
+    far = torch.linalg.norm(cand[..., :2] - truth[:, None, :2], dim=-1) * 20.0 >= 10.0
+    for b in range(4):
+        scores = ll[b][far[b]]
+        want = cand[b][far[b]][scores.argsort(descending=True)[:4]]
+        assert torch.allclose(mined[b], want)  # the four best far candidates, best first
+        assert float(torch.linalg.norm(mined[b, :, :2] - truth[b, :2], dim=-1).min()) * 20.0 >= 10.0
+
+    def rank() -> torch.Tensor:
+        p = encode_map(model, images=batch["context_images"], poses=batch["context_poses"])
+        return crit.rank_loss(p, batch["query_images"], batch["query_poses"])
+
+    loss = rank()  # 12 uniform + 4 mined negatives
+    loss.backward()
+    assert float(loss.detach()) > 0 and model.cnn1_trunk[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="rank_hard_fraction"):
+        load_config(None, ["rank_hard_fraction=0.6", "rank_near_fraction=0.5"])
+    with pytest.raises(ValueError, match="rank_hard_candidates"):
+        load_config(None, ["rank_hard_fraction=0.5", "rank_hard_candidates=8"])
+
+
 def test_rank_positives_jitter_around_the_truth_and_keep_chance_at_one(tiny_dataset: Path) -> None:
     """Jittered positives have the configured spread; with every pose scored alike the term is still 1.0."""
     from dmn_ros.filter import encode_map

@@ -90,6 +90,17 @@ class TrainConfig:
     global localization need (run v6 in docs/RESULTS.md)."""
     rank_near_radius_m: tuple[float, float] = (2.0, 10.0)
     """Near negatives lie at a distance uniform in this range (meters) from the truth, any yaw."""
+    rank_hard_fraction: float = 0.0
+    """Share of the negatives mined from the model itself: the best-scoring of ``rank_hard_candidates``
+    uniform poses farther than ``rank_hard_min_m`` from the truth.
+
+    Global localization fails when some wrong place outscores the truth's basin, and uniform
+    negatives almost never hit such a place: the basin then only has to beat an average pose
+    (run v8's basin rank 0.72), where it would have to beat nearly the whole map (≈ 0.99)."""
+    rank_hard_candidates: int = 256
+    rank_hard_min_m: float = 6.0
+    """Mined negatives lie at least this far from the truth (meters), so they never sit in the
+    positives' basin (the jittered positives spread about 3 m)."""
     val_metric: str = "loss"
     """What chooses ``checkpoint_best``: ``loss`` (the paper's validation loss, lower is better) or
     ``truth_rank`` (:func:`dmn_ros.evaluation.ranking.truth_rank` on val episodes, higher is better)."""
@@ -168,6 +179,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                          f"{cfg.rank_positive_std}")
     if not 0.0 <= cfg.rank_near_fraction <= 1.0:
         raise ValueError(f"rank_near_fraction must be in [0, 1], got {cfg.rank_near_fraction}")
+    if not 0.0 <= cfg.rank_hard_fraction <= 1.0 or cfg.rank_near_fraction + cfg.rank_hard_fraction > 1.0:
+        raise ValueError(f"rank_hard_fraction must be in [0, 1] and rank_near_fraction + rank_hard_fraction <= 1, "
+                         f"got {cfg.rank_hard_fraction} and {cfg.rank_near_fraction}")
+    hard = round(cfg.rank_hard_fraction * cfg.rank_negatives)
+    if hard > 0 and (cfg.rank_hard_candidates < hard or cfg.rank_hard_min_m < 0):
+        raise ValueError(f"rank_hard_candidates must be >= the mined negatives ({hard}) and rank_hard_min_m >= 0, "
+                         f"got {cfg.rank_hard_candidates} and {cfg.rank_hard_min_m}")
     lo, hi = cfg.rank_near_radius_m
     if not 0.0 <= lo <= hi:
         raise ValueError(f"rank_near_radius_m must be [min, max] with 0 <= min <= max, got {cfg.rank_near_radius_m}")

@@ -123,8 +123,11 @@ class EpisodeLoss(_PoseLoss):
         m, n_pos = self.cfg.rank_negatives, self.cfg.rank_positives
         total = truth.new_zeros(())
         for t in range(steps):
-            poses = torch.cat([self.positives(truth[:, t], n_pos), self.negatives(truth[:, t], m)], dim=1)
             q, hq = self.model.prepare_query(queries[:, t])
+            hard = round(self.cfg.rank_hard_fraction * m)
+            poses = torch.cat([self.positives(truth[:, t], n_pos), self.negatives(truth[:, t], m - hard)], dim=1)
+            if hard > 0:
+                poses = torch.cat([poses, self.mined_negatives(pm, q, hq, truth[:, t], hard)], dim=1)
             ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, poses, 0)
             total = total - (torch.logsumexp(ll[:, :n_pos], dim=1) - torch.logsumexp(ll, dim=1)).mean()
         return total / (steps * math.log((n_pos + m) / n_pos))
@@ -137,10 +140,23 @@ class EpisodeLoss(_PoseLoss):
         poses = truth[:, None] + torch.randn(truth.shape[0], n, 3, device=truth.device, dtype=truth.dtype) * std
         return torch.cat([poses[..., :2], wrap_angle(poses[..., 2:])], dim=-1)
 
+    @torch.no_grad()
+    def mined_negatives(self, pm: PreparedMap, q: torch.Tensor, hq: torch.Tensor, truth: torch.Tensor,
+                        n: int) -> torch.Tensor:
+        """``(B, n, 3)``: the model's highest-scoring uniform poses at least ``rank_hard_min_m`` from ``truth``."""
+        c = self.cfg.rank_hard_candidates
+        cand = init_uniform(batch=truth.shape[0], num_particles=c, bounds=self.bounds, device=truth.device,
+                            dtype=truth.dtype).particles
+        ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, cand, 0)
+        dist = torch.linalg.norm(cand[..., :2] - truth[:, None, :2], dim=-1) * self.scale.meters_per_unit
+        ll = ll.masked_fill(dist < self.cfg.rank_hard_min_m, float("-inf"))
+        idx = ll.topk(n, dim=1).indices
+        return torch.gather(cand, 1, idx[..., None].expand(-1, -1, 3))
+
     def negatives(self, truth: torch.Tensor, m: int) -> torch.Tensor:
-        """``(B, m, 3)`` poses: ``rank_near_fraction`` of them in an annulus around ``truth``, the rest uniform."""
+        """``(B, m, 3)`` poses: ``rank_near_fraction`` of all negatives in an annulus at ``truth``, the rest uniform."""
         b = truth.shape[0]
-        near = round(self.cfg.rank_near_fraction * m)
+        near = min(m, round(self.cfg.rank_near_fraction * self.cfg.rank_negatives))
         uniform = init_uniform(batch=b, num_particles=m - near, bounds=self.bounds, device=truth.device,
                                dtype=truth.dtype).particles
         if near == 0:
