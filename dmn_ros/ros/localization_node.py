@@ -426,15 +426,19 @@ class LocalizationNode(Node):
                     # The buffer forgot the last update's stamp (the robot stood still > odom_buffer_s).
                     now_odom = self.odom.pose_at(stamp)
                     delta = None if now_odom is None else relative(self._last_odom, now_odom)
-                if delta is None:
-                    self.counters["no_odom"] += 1
-                    return
-                small = math.hypot(delta[0], delta[1]) < float(self.p["update_min_d"]) and abs(delta[2]) < float(
-                    self.p["update_min_a"])
-                if small and not self._force_update:
-                    self.counters["skipped_small_motion"] += 1
-                    self._resend_tf()
-                    return
+                    if delta is None:
+                        self.counters["no_odom"] += 1
+                        return
+                # delta None here: the last update had no odometry (it started later than transform_tolerance
+                # after it), so this update runs without motion and anchors the next ones; dropping the frame
+                # as no_odom stopped the filter for good, since last_stamp then never advanced.
+                if delta is not None:
+                    small = math.hypot(delta[0], delta[1]) < float(self.p["update_min_d"]) and abs(
+                        delta[2]) < float(self.p["update_min_a"])
+                    if small and not self._force_update:
+                        self.counters["skipped_small_motion"] += 1
+                        self._resend_tf()
+                        return
             self._force_update = False
             self._nomotion_request = False
             self._last_rgb = rgb
