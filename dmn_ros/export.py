@@ -10,7 +10,9 @@ tensors and compiled TorchScript code only: no arbitrary Python classes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -101,8 +103,9 @@ def export_model(
     stored in ``config["results"]`` so a model file says what it is good for. ``training`` (the
     training data's domain, source and camera: :func:`training_data_summary`) goes into
     ``config["training"]``: a model says which kind of world it was trained for.
+    The caller's ``model`` is left as it was (device, train/eval mode): a CPU copy is exported.
     """
-    model = model.to("cpu").eval()
+    model = copy.deepcopy(model).to("cpu").eval()
     config: dict[str, Any] = model_config(model)  # includes "kind": load_model checks the methods it needs
     if calibration:
         config["calibration"] = {k: float(v) for k, v in calibration.items()}
@@ -121,8 +124,6 @@ def export_model(
         description=description,
     )
     scripted = torch.jit.script(model)
-    import io
-
     buf = io.BytesIO()
     torch.jit.save(scripted, buf, _extra_files={META_FILE: json.dumps(asdict(info))})
     atomic_write_bytes(path, buf.getvalue())
@@ -136,7 +137,17 @@ class LoadedModel:
     module: torch.jit.ScriptModule
     info: ModelInfo
     device: torch.device
+    """The device :func:`load_model` put the module on; :func:`module_device` says where it is now."""
     path: str
+
+
+def module_device(module: torch.nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where ``module``'s weights are (its first parameter or buffer); ``default`` for a module without any."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device(default)
 
 
 def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:

@@ -11,6 +11,7 @@ nav2_amcl's KLD-adaptive count (:mod:`dmn_ros.filter.kld`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from dmn_ros.errors import DmnError, MapError
-from dmn_ros.export import LoadedModel
+from dmn_ros.export import LoadedModel, module_device
 from dmn_ros.filter import (
     Belief,
     FilterConfig,
@@ -73,6 +74,14 @@ def resolve_device(name: str) -> torch.device:
         _log.warning("device %r requested but CUDA is not available; using cpu", name)
         return torch.device("cpu")
     return torch.device(name)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` (the current GPU) and ``cuda:0`` are the same device when GPU 0 is the current one."""
+    def index(d: torch.device) -> int | None:
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return a.type == b.type and index(a) == index(b)
 
 
 @dataclass(frozen=True)
@@ -158,13 +167,14 @@ def embed_images(model: LoadedModel, images: Sequence[np.ndarray | torch.Tensor]
 
     Each image is anything :func:`~dmn_ros.images.as_model_image` takes (numpy or torch, ``(H, W, 3)``
     or ``(3, H, W)``, uint8 or float in [0, 1], any size); a 4-D array or tensor is a batch of them.
+    The batch goes wherever ``model.module``'s weights are, whatever ``model.device`` says.
     """
     h, w = model.info.image_height, model.info.image_width
     if len(images) == 0:
         return np.zeros((0, *model.info.embed_shape), dtype=np.float32)
     batch = torch.stack([as_model_image(im, height=h, width=w) for im in images])
     with torch.inference_mode():
-        emb = model.module.embed_views(batch.to(model.device))
+        emb = model.module.embed_views(batch.to(module_device(model.module, model.device)))
     return emb.float().cpu().numpy()
 
 
@@ -236,9 +246,15 @@ class Localizer:
                              f"the Localizer runs {', '.join(PARTICLE_FILTER_KINDS)} models")
         self.config = config or LocalizerConfig()
         self.device = resolve_device(self.config.device)
-        if self.device != model.device:
-            model = LoadedModel(model.module.to(self.device), model.info, self.device, model.path)
+        if not _same_device(module_device(model.module, model.device), self.device):
+            # The caller's module (shared with build_map, embed_images, other Localizers) stays where it is.
+            try:
+                module = copy.deepcopy(model.module).to(self.device)
+            except Exception as exc:  # torch raises RuntimeError, NotImplementedError or AssertionError here
+                raise ValueError(f"{model.path}: cannot run the model on device {self.device}: {exc}") from exc
+            model = LoadedModel(module, model.info, self.device, model.path)
         self.model = model
+        """The model the filter runs: the caller's, or this Localizer's own copy on :attr:`device`."""
         self.info = model.info
         self.scale: MetricScale = model.info.metric_scale()
         """Metric ↔ normalized; its origin is moved to the map's center (the model is invariant to it)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from dmn_ros.errors import FingerprintMismatchError
-from dmn_ros.export import default_model_path, load_model
+from dmn_ros.export import LoadedModel, default_model_path, load_model
 from dmn_ros.geometry import compose
 from dmn_ros.localizer import Estimate, Localizer, LocalizerConfig, NotReadyError, embed_images
 from dmn_ros.maps import ViewMap
@@ -39,6 +40,29 @@ CFG = LocalizerConfig(max_particles=64, tracking_particles=16, device="cpu")
 def test_embed_images_shape(model):
     emb = embed_images(model, _images(3, size=48))  # resized to the model's 32×32
     assert emb.shape == (3, *model.info.embed_shape) and emb.dtype == np.float32
+
+
+def test_embed_and_localize_where_the_module_really_is(model):
+    """A LoadedModel whose ``device`` field is stale (here: says meta, the module is on the CPU) still works."""
+    own = load_model(model.path)
+    stale = LoadedModel(own.module, own.info, torch.device("meta"), own.path)
+    np.testing.assert_array_equal(embed_images(stale, _images(2)), embed_images(own, _images(2)))
+    loc = Localizer(stale, config=CFG, seed=0)
+    assert loc.model.module is own.module  # already on the Localizer's device: shared, not copied
+    loc.set_map(_view_map(own, np.array([[0.0, 0.0, 0.0], [4.0, 2.0, 1.0]])))
+    loc.init_global()
+    assert np.isfinite(loc.step(_images(1)[0]).mean).all()
+
+
+def test_localizer_never_moves_the_callers_module(model):
+    """The Localizer runs its own copy on its device; the caller's module (used by build_map, embed_images,
+    other Localizers) stays where its LoadedModel says. Meta is the other device a CPU-only machine has: the
+    move fails there (a clear ValueError), on the copy."""
+    own = load_model(model.path)
+    with pytest.raises(ValueError, match="cannot run the model on device meta"):
+        Localizer(own, config=replace(CFG, device="meta"), seed=0)
+    assert {p.device.type for p in own.module.parameters()} == {"cpu"} and own.device == torch.device("cpu")
+    assert embed_images(own, _images(1)).shape == (1, *own.info.embed_shape)
 
 
 def test_not_ready_until_map_and_belief(model):

@@ -240,3 +240,15 @@ def test_exported_model_fingerprint_is_verified(tmp_path):
             dst.writestr(item, data)
     with pytest.raises(ModelLoadError, match="fingerprint"):
         load_model(forged)
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """Exporting mid-training must not switch the training model to eval mode (nor move it)."""
+    from dmn_ros.export import export_model, load_model
+
+    model = DMN().train()
+    params = {n: p for n, p in model.named_parameters()}
+    info = export_model(model, tmp_path / "m.pt", meters_per_unit=20.0)
+    assert model.training and all(m.training for m in model.modules())
+    assert {n: p for n, p in model.named_parameters()} == params  # the very same tensors, still on their device
+    assert load_model(tmp_path / "m.pt").info.fingerprint == info.fingerprint
