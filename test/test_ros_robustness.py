@@ -105,3 +105,37 @@ def test_odometry_that_starts_late_does_not_stop_the_filter(node: LocalizationNo
     f.odom(6.0, 1.5)
     assert f.step(6.0)  # odometry from here on: egomotion from the anchor the previous update set
     np.testing.assert_allclose(node._last_odom, [1.5, 0.0, 0.0])
+
+
+# ---- time going backwards ---------------------------------------------------------------------
+def test_time_jumping_back_resets_buffers_and_keeps_the_belief(node: LocalizationNode) -> None:
+    """A bag replayed with --loop: stamps start over 50 s earlier. Jitter below time_reset_s stays a drop."""
+    f = Feed(node)
+    for k in range(3):
+        f.odom(50.0 + k, 0.5 * k)
+        assert f.step(50.0 + k)
+    odom_drops, late = node.counters["bad_odom"], node.counters["out_of_order"]
+    f.odom(51.5, 0.7)  # 0.5 s back: jitter, dropped
+    assert node.counters["bad_odom"] == odom_drops + 1
+    f.odom(52.5, 1.2)
+    f.frame(51.9)
+    node._work()  # 0.1 s before the last update: out of order
+    assert node.counters["out_of_order"] == late + 1 and node.counters["time_resets"] == 0
+    particles = node.localizer.particles_metric().copy()
+    f.odom(0.0, 0.0)  # the loop starts over
+    assert len(node.odom) == 1 and node.counters.get("time_resets") == 1
+    np.testing.assert_array_equal(node.localizer.particles_metric(), particles)  # belief kept
+    assert node.localizer.mode == "global" and node.last_stamp is None
+    f.odom(0.5, 0.5)
+    assert f.step(0.5)  # updates again, without motion
+    f.odom(1.0, 1.0)
+    assert f.step(1.0) and node.counters["time_resets"] == 1
+    np.testing.assert_allclose(node._last_odom, [1.0, 0.0, 0.0])
+
+
+def test_frames_jumping_back_without_odometry_reset_time(node: LocalizationNode) -> None:
+    """No odometry at all (a camera-only replay looping): the frames' own stamps detect the jump."""
+    f = Feed(node)
+    assert f.step(30.0) and f.step(31.0)
+    assert f.step(2.0) and node.counters["time_resets"] == 1
+    assert f.step(3.0)

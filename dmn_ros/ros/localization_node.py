@@ -59,7 +59,7 @@ from dmn_ros.ros.transforms import OdometryBuffer, map_to_odom
 
 POSE_FORMAT = "dmn_ros.pose/1"
 """Value of the ``format`` key in a saved-pose file (``pose_file``)."""
-NOT_DROPS = ("frames", "processed", "odom_jumps")
+NOT_DROPS = ("frames", "processed", "odom_jumps", "time_resets")
 """Counters that are not dropped inputs (the rest add up to ``dropped`` on /diagnostics)."""
 
 POSE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -122,7 +122,8 @@ class LocalizationNode(Node):
         self.counters: dict[str, int] = {
             "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
-            "bad_maps": 0, "step_errors": 0, "future_stamp": 0, "odom_jumps": 0,
+            "bad_maps": 0, "step_errors": 0, "future_stamp": 0, "odom_jumps": 0, "time_resets": 0,
+            "dropped_time_reset": 0,
         }
         self._step_failed = False
         """Inputs used and dropped, by reason."""
@@ -212,12 +213,37 @@ class LocalizationNode(Node):
                                   f"(max_stamp_ahead {ahead} s)", throttle_duration_sec=5.0)
         return True
 
+    def _time_went_back(self, stamp: float, newest: float | None, what: str) -> bool:
+        """True (after a time reset) for a stamp more than ``time_reset_s`` before ``newest`` of its stream.
+
+        A bag replayed with ``--loop`` or a restarted simulation starts its stamps (and /clock) over:
+        odometry then never entered the buffer again (out of order) and every frame was older than
+        the last update, so the node stopped for good. As tf2 and nav2_amcl do on a clock jump, the
+        buffers are cleared and the belief is kept; smaller steps back stay counted drops.
+        """
+        limit = float(self.p["time_reset_s"])
+        if limit <= 0 or newest is None or not stamp < newest - limit:
+            return False
+        self.counters["time_resets"] += 1
+        self.counters["dropped_time_reset"] += len(self._frames)
+        self.get_logger().warning(
+            f"{what} stamped {newest - stamp:.1f} s before the newest (> time_reset_s {limit} s): time went "
+            f"back (bag loop, simulation restart); odometry and pending frames cleared, belief kept, the next "
+            f"update runs without motion")
+        self.odom = OdometryBuffer(max_age_s=self.odom.max_age_s, tolerance_s=self.odom.tolerance_s)
+        self._frames.clear()
+        self.last_stamp = None
+        self._last_odom = None
+        self._odom_reset = True
+        return True
+
     def _on_image(self, msg: Image | CompressedImage) -> None:
         stamp = stamp_to_sec(msg.header.stamp)
         with self._lock:
             self.counters["frames"] += 1
             if self._too_far_ahead(stamp):
                 return
+            self._time_went_back(stamp, self.last_stamp, "frame")
             now = time.monotonic()
             self._frames.append((stamp, msg, now))
             self._drop_superseded(now)
@@ -233,6 +259,7 @@ class LocalizationNode(Node):
         with self._lock:
             if self._too_far_ahead(stamp):
                 return
+            self._time_went_back(stamp, self.odom.latest_stamp, "odometry")
             prev = self.odom.pose_at(self.odom.latest_stamp) if self.odom.latest_stamp is not None else None
             jump = float(self.p["odom_jump_m"])
             if (prev is not None and jump > 0 and stamp > (self.odom.latest_stamp or 0.0)

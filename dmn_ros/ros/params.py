@@ -95,6 +95,8 @@ LOCALIZATION: ParamTable = {
     "diagnostics_period": (1.0, "s between /diagnostics messages while no filter update runs"),
     "max_stamp_ahead": (10.0, "s: images and odometry stamped further ahead of the node clock are dropped; 0: off"),
     "odom_jump_m": (3.0, "m between consecutive odometry messages treated as an odometry reset/jump; 0: off"),
+    "time_reset_s": (1.0, "s: odometry or a frame stamped this far before the newest one (bag loop, sim restart) "
+                          "resets the node's time: buffers cleared, belief kept; 0: off"),
     "initialpose_margin": (10.0, "m: initialpose farther than this outside the map's view extent is rejected; 0: off"),
     "save_pose_rate": (0.5, "Hz at which the last estimate is saved to pose_file; 0: never"),
     "pose_file": ("", "YAML file of the saved pose; empty: $ROS_HOME (~/.ros)/dmn_ros_<namespace_node>_pose.yaml"),
