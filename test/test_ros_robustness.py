@@ -139,3 +139,63 @@ def test_frames_jumping_back_without_odometry_reset_time(node: LocalizationNode)
     assert f.step(30.0) and f.step(31.0)
     assert f.step(2.0) and node.counters["time_resets"] == 1
     assert f.step(3.0)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+SINGULAR = np.array([[100.0, 100.0, 0.0], [100.0, 100.0, 0.0], [0.0, 0.0, 0.1]])
+"""Positive definite in float64 after the filter's 1e-9 regularization, singular in its float32."""
+
+
+def test_initialpose_singular_in_float32_is_a_counted_drop(node: LocalizationNode) -> None:
+    from ros_helpers import initialpose_msg
+
+    before = node.localizer.particles_metric().copy()
+    node._on_initialpose(initialpose_msg([0.0, 0.0, 0.0], SINGULAR))  # raised torch.linalg.LinAlgError
+    assert node.counters["bad_initialpose"] == 1
+    assert node.localizer.mode == "global"
+    np.testing.assert_array_equal(node.localizer.particles_metric(), before)
+    node._on_initialpose(initialpose_msg([1.0, 0.0, 0.0], np.diag([0.1, 0.1, 0.01])))
+    assert node.localizer.mode == "tracking" and node.counters["bad_initialpose"] == 1
+
+
+def test_saved_pose_singular_in_float32_starts_uninitialized(untrained, ctx, tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "pose.yaml"
+    path.write_text(yaml.safe_dump({"format": "dmn_ros.pose/1", "frame_id": "map", "stamp": 0.0, "x": 0.0, "y": 0.0,
+                                    "yaw": 0.0, "covariance": SINGULAR.tolist()}))
+    node = LocalizationNode(model=untrained, namespace="saved_singular", context=ctx, parameter_overrides=[
+        Parameter("pose_file", value=str(path)), Parameter("initialize_at_saved_pose", value=True),
+        Parameter("save_pose_rate", value=0.0)])  # raised LinAlgError from the constructor
+    try:
+        assert not node.localizer.initialized
+    finally:
+        node.destroy_node()
+
+
+def test_map_info_overflow_and_deep_nesting_are_counted_drops(node: LocalizationNode) -> None:
+    from std_msgs.msg import String
+
+    for data in ('{"num_views": 1e999, "ids": []}', "[" * 100_000 + "]" * 100_000, '{"num_views": 1, "ids": "a"}',
+                 "not json"):
+        node._on_map_info(String(data=data))  # OverflowError, RecursionError escaped and killed the executor
+    assert node.counters["bad_map_info"] == 4 and node._map_ids == {}
+    node._on_map_info(String(data='{"num_views": 2, "ids": ["r/1", "r/2"]}'))
+    assert node._map_ids == {2: ["r/1", "r/2"]}
+
+
+def test_mapping_sync_request_deep_nesting_is_a_counted_drop(untrained, ctx) -> None:
+    from std_msgs.msg import String
+
+    from dmn_ros.ros.mapping_node import MappingNode
+
+    node = MappingNode(model=untrained, namespace="deep_sync", context=ctx,
+                       parameter_overrides=[Parameter("share_contexts", value=True)])
+    try:
+        n = node.counters["shared_malformed"]
+        node._on_sync_request(String(data='{"robot_id": ' + "[" * 100_000 + "]" * 100_000 + "}"))
+        assert node.counters["shared_malformed"] == n + 1 and not node._sync_reply_due
+        node._on_sync_request(String(data='{"robot_id": "peer9"}'))
+        assert node._sync_reply_due
+    finally:
+        node.destroy_node()

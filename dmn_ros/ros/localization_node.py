@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+import torch
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, TransformStamped
@@ -123,7 +124,7 @@ class LocalizationNode(Node):
             "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
             "bad_maps": 0, "step_errors": 0, "future_stamp": 0, "odom_jumps": 0, "time_resets": 0,
-            "dropped_time_reset": 0,
+            "dropped_time_reset": 0, "bad_map_info": 0,
         }
         self._step_failed = False
         """Inputs used and dropped, by reason."""
@@ -187,7 +188,10 @@ class LocalizationNode(Node):
                               callback_group=MutuallyExclusiveCallbackGroup())
         saved = self._read_saved_pose() if p["initialize_at_saved_pose"] else None
         if saved is not None:
-            self._init_pose(*saved)
+            try:
+                self._init_pose(*saved)
+            except ValueError as exc:
+                self.get_logger().error(f"saved pose ignored: {exc}")
         elif p["set_initial_pose"]:
             sxy, syaw = float(p["initial_pose.std_xy"]), float(p["initial_pose.std_yaw"])
             self._init_pose([p["initial_pose.x"], p["initial_pose.y"], p["initial_pose.yaw"]],
@@ -305,8 +309,15 @@ class LocalizationNode(Node):
                              f"(x {xmin:.1f}..{xmax:.1f}, y {ymin:.1f}..{ymax:.1f}; initialpose_margin {margin} m)")
 
     def _init_pose(self, mean: Any, cov: np.ndarray) -> None:
+        """Tracking from ``mean``; ValueError (belief unchanged) for a covariance the filter cannot sample from."""
         with self._lock:
-            self.localizer.init_pose(np.asarray(mean, dtype=np.float64), cov)
+            try:
+                self.localizer.init_pose(np.asarray(mean, dtype=np.float64), cov)
+            except torch.linalg.LinAlgError as exc:
+                # Positive definite in float64 (as checked) but singular in the filter's float32, e.g.
+                # [[100, 100, 0], [100, 100, 0], [0, 0, 0.1]]: the Cholesky factorization fails.
+                raise ValueError(f"covariance is not positive definite at the filter's float32 precision "
+                                 f"(singular or nearly so): {exc}") from exc
             self.last_stamp = None
             self._pending_global = False
         self.get_logger().info(f"tracking from initial pose ({float(mean[0]):.2f}, {float(mean[1]):.2f}, "
@@ -315,10 +326,17 @@ class LocalizationNode(Node):
     def _on_map_info(self, msg: String) -> None:
         try:
             info = json.loads(msg.data)
-            with self._lock:
-                self._map_ids = {int(info["num_views"]): [str(i) for i in info["ids"]]}
-        except (ValueError, KeyError, TypeError) as exc:
-            self.get_logger().warning(f"unreadable map info ignored: {exc}")
+            if not isinstance(info["ids"], list):
+                raise TypeError("ids is not a list")
+            ids = {int(info["num_views"]): [str(i) for i in info["ids"]]}
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            # OverflowError: {"num_views": 1e999}; RecursionError: JSON nested thousands deep.
+            self.counters["bad_map_info"] += 1
+            self.get_logger().warning(f"unreadable map info ignored: {type(exc).__name__}: {str(exc)[:200]}",
+                                      throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            self._map_ids = ids
 
     def _on_map(self, msg: PointCloud2) -> None:
         info = self.model.info
@@ -687,7 +705,7 @@ def read_pose_file(path: str | os.PathLike[str], *, frame_id: str) -> tuple[np.n
         if path.stat().st_size > 65536:
             raise ValueError(f"{path} is larger than 64 KiB: not a saved pose")
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != POSE_FORMAT:
         raise ValueError(f"{path} is not a {POSE_FORMAT} file")

@@ -290,8 +290,9 @@ class MappingNode(Node):
     def _on_sync_request(self, msg: String) -> None:
         try:
             peer = str(json.loads(msg.data)["robot_id"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested thousands deep
             self.counters["shared_malformed"] += 1
+            self.get_logger().warning("malformed full-map request ignored", throttle_duration_sec=5.0)
             return
         if peer != self.robot_id:
             self._sync_reply_due = True  # answered once per flush, however many peers asked
