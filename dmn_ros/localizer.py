@@ -47,6 +47,7 @@ from dmn_ros.maps import ViewMap
 from dmn_ros.model.kinds import PARTICLE_FILTER_KINDS, model_kind
 
 __all__ = [
+    "DegenerateUpdateError",
     "Estimate",
     "Localizer",
     "LocalizerConfig",
@@ -63,6 +64,11 @@ _log = logging.getLogger("dmn_ros.localizer")
 
 class NotReadyError(DmnError):
     """A step was requested before a map was set and the belief initialized."""
+
+
+class DegenerateUpdateError(DmnError):
+    """A frame's log-likelihoods are NaN or +inf, or -inf for every particle: the frame is refused and the
+    belief is left as it was (weighing with them would make every weight NaN from then on)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -447,9 +453,14 @@ class Localizer:
             config=self._filter_config(),
             generator=self.generator,
         )
+        marginal = float(marginal_log_likelihood(prev_log_weights, res.log_likelihood)[0])
+        if not math.isfinite(marginal):  # NaN/+inf anywhere, or -inf everywhere: the normalizer is undefined
+            bad = int((~torch.isfinite(res.log_likelihood[0])).sum())
+            raise DegenerateUpdateError(
+                f"observation log-likelihoods are not usable ({bad} of {res.log_likelihood.shape[1]} non-finite, "
+                f"marginal {marginal}): frame refused, belief unchanged")
         self.belief = res.belief
         c = self.config
-        marginal = float(marginal_log_likelihood(prev_log_weights, res.log_likelihood)[0])
         self.health_state, health = assess(
             self.health_state,
             updated=res.updated,

@@ -379,3 +379,27 @@ def test_filter_run_health_keys_and_recovery_options(kidnapped, model, tmp_path,
     off = evaluate_bag(kidnapped, EvalOptions(particles=K, seed=3, progress=False, plots=False), model=model)
     assert off["metrics"]["health"]["recoveries"] == {"injections": 0, "injected_particles": 0, "global": 0}
     assert all(r == "" for r in off["metrics"]["health"]["recovery"])
+
+
+def test_degenerate_updates_are_skipped_and_counted(bags, model, tmp_path):
+    """A model that yields NaN likelihoods (NaN weights; the map was built by the sound one) is refused frame
+    by frame, counted as the node counts its step errors, and the replay goes on."""
+    import copy
+
+    import torch
+
+    from dmn_ros.bags.evaluate import MapSource
+    from dmn_ros.export import LoadedModel
+    from dmn_ros.localizer import build_map
+
+    data = load_bag(bags["mcap"], need_contexts=True)
+    vm = build_map(model, [c[1] for c in data.contexts], np.stack([c[2] for c in data.contexts]))
+    vm.save(tmp_path / "map.dmnmap")
+    broken = copy.deepcopy(model.module)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    res = evaluate_bag(bags["mcap"], EvalOptions(particles=K, progress=False, plots=False, map_source=MapSource.FILE,
+                                                 map_file=str(tmp_path / "map.dmnmap")),
+                       model=LoadedModel(broken, model.info, model.device, model.path))
+    assert res["frames_processed"] == 0 and res["skipped"]["degenerate_update"] > 0

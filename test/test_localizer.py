@@ -212,3 +212,27 @@ def test_trained_model_tracking_converges():
         errs.append(float(np.hypot(*(est.mean[:2] - traj[-1, :2]))))
     rmse = float(np.sqrt(np.mean(np.square(errs))))
     assert rmse < 6.0, f"tracking RMSE at t=5 {rmse:.2f} m (errors {errs})"
+
+
+def test_non_finite_likelihoods_refuse_the_frame_and_keep_the_belief(model):
+    """A model that yields NaN likelihoods (here: NaN weights) raises DegenerateUpdateError; the belief and
+    health stay as they were instead of every weight turning NaN for good."""
+    import copy
+
+    from dmn_ros.errors import DmnError
+    from dmn_ros.localizer import DegenerateUpdateError
+
+    broken = copy.deepcopy(model.module)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    loc = Localizer(LoadedModel(broken, model.info, model.device, model.path), config=CFG, seed=0)
+    loc.set_map(_view_map(model, np.array([[0.0, 0.0, 0.0], [4.0, 2.0, 1.0]])))
+    loc.init_pose([1.0, 1.0, 0.0], np.diag([0.5, 0.5, 0.1]))
+    particles, weights, health = loc.particles_metric(), loc.weights(), loc.health_state
+    with pytest.raises(DegenerateUpdateError, match="belief unchanged") as err:
+        loc.step(_images(1)[0], [0.5, 0.0, 0.0])
+    assert isinstance(err.value, DmnError)  # the localization node counts it as a step error and goes on
+    np.testing.assert_array_equal(loc.particles_metric(), particles)
+    np.testing.assert_array_equal(loc.weights(), weights)
+    assert loc.health_state == health and np.isfinite(loc.weights()).all()

@@ -410,6 +410,7 @@ def replay(data: BagData, localizer: Any, opts: EvalOptions) -> StepTrace:
     from tqdm import tqdm
 
     from dmn_ros.images import ImageDecodeError
+    from dmn_ros.localizer import DegenerateUpdateError
 
     odom = None
     if data.odom is not None and len(data.odom):
@@ -440,7 +441,11 @@ def replay(data: BagData, localizer: Any, opts: EvalOptions) -> StepTrace:
         except ImageDecodeError:
             trace.skipped["bad_image"] += 1
             continue
-        est = localizer.step(rgb, delta)
+        try:
+            est = localizer.step(rgb, delta)
+        except DegenerateUpdateError:  # the node counts it (step_errors) and goes on; the belief is unchanged
+            trace.skipped["degenerate_update"] = trace.skipped.get("degenerate_update", 0) + 1
+            continue
         last = stamp
         trace.stamps.append(stamp)
         trace.poses.append(est.mean)

@@ -34,7 +34,12 @@ def normalize_log_weights(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def update(belief: Belief, log_likelihood: torch.Tensor) -> Belief:
-    """``log w_t^k = l_t^k + log w_{t-1}^k``, then normalized. Non-finite likelihoods are an error."""
+    """``log w_t^k = l_t^k + log w_{t-1}^k``, then normalized.
+
+    Not checked here (training runs this every step, and a check would sync the GPU): a NaN or +inf
+    likelihood, or -inf for every particle of an episode, makes that episode's weights NaN.
+    :meth:`dmn_ros.localizer.Localizer.step` refuses such a frame (``DegenerateUpdateError``).
+    """
     return Belief(belief.particles, normalize_log_weights(belief.log_weights + log_likelihood))
 
 
