@@ -199,3 +199,26 @@ def test_mapping_sync_request_deep_nesting_is_a_counted_drop(untrained, ctx) -> 
         assert node._sync_reply_due
     finally:
         node.destroy_node()
+
+
+# ---- request_nomotion_update ------------------------------------------------------------------
+def test_nomotion_request_forces_the_next_new_frame_only(node: LocalizationNode) -> None:
+    """nav2_amcl: the request forces an update on the next sensor message, once; the last frame is not reused."""
+    from std_srvs.srv import Empty
+
+    f = Feed(node)
+    f.odom(0.0, 0.0)
+    assert f.step(0.0)
+    node.p["update_min_d"] = node.p["update_min_a"] = 1.0
+    f.odom(0.5, 0.1)
+    assert not f.step(0.5) and node.counters["skipped_small_motion"] == 1  # small motion: skipped
+    n = node.counters["processed"]
+    node._on_nomotion(Empty.Request(), Empty.Response())
+    for _ in range(3):
+        node._work()  # no new frame: nothing to filter (re-applied the last frame, counting it twice)
+    assert node.counters["processed"] == n
+    f.odom(1.0, 0.2)
+    assert f.step(1.0)  # the next new frame, below update_min_d: filtered
+    assert not node._force_update
+    f.odom(1.5, 0.3)
+    assert not f.step(1.5) and node.counters["skipped_small_motion"] == 2  # once only

@@ -135,9 +135,8 @@ class LocalizationNode(Node):
         self._frames: list[tuple[float, Any, float]] = []
         """Unprocessed frames ``(stamp, msg, arrival)``, oldest first: the newest usable one, then newer ones
         whose odometry has not arrived yet (see :meth:`_take_frame`)."""
-        self._last_rgb: np.ndarray | None = None
         self._force_update = False
-        self._nomotion_request = False
+        """request_nomotion_update: the next new frame is filtered whatever its motion (nav2_amcl)."""
         self._pending_global = False
         self._map_ids: dict[int, list[str]] = {}
         self._last_map_to_odom: TransformStamped | None = None
@@ -376,9 +375,12 @@ class LocalizationNode(Node):
         return resp
 
     def _on_nomotion(self, _req: Empty.Request, resp: Empty.Response) -> Empty.Response:
+        """As nav2_amcl: the next new frame is filtered even below update_min_d / update_min_a.
+
+        The last frame is not filtered again: that counted one observation twice.
+        """
         with self._lock:
             self._force_update = True
-            self._nomotion_request = True
         return resp
 
     # ---- filtering --------------------------------------------------------------------------
@@ -441,11 +443,6 @@ class LocalizationNode(Node):
     def _work(self) -> None:
         frame = self._take_frame()
         if frame is None:
-            if self._nomotion_request and self._last_rgb is not None and self.localizer.ready:
-                self._nomotion_request = False
-                # Keeps last_stamp as it is (None after a re-initialization): stamping it 0.0 made every later
-                # frame's egomotion from t = 0 unavailable, so all frames were dropped as no_odom.
-                self._run(self.last_stamp, self._last_rgb, None)
             self._resend_tf()
             return
         stamp, msg = frame
@@ -485,11 +482,9 @@ class LocalizationNode(Node):
                         self._resend_tf()
                         return
             self._force_update = False
-            self._nomotion_request = False
-            self._last_rgb = rgb
         self._run(stamp, rgb, delta)
 
-    def _run(self, stamp: float | None, rgb: np.ndarray, delta: np.ndarray | None) -> None:
+    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None) -> None:
         with self._lock:
             try:
                 est = self.localizer.step(rgb, delta)
@@ -500,16 +495,14 @@ class LocalizationNode(Node):
                 self.publish_diagnostics()
                 return
             self._step_failed = False
-            if stamp != self.last_stamp:  # a nomotion update keeps the odometry anchor
-                self._last_odom = self.odom.pose_at(stamp)
-                self._odom_reset = False
+            self._last_odom = self.odom.pose_at(stamp)
+            self._odom_reset = False
             self.last_stamp = stamp
             self.last_estimate = est
             self.counters["processed"] += 1
             particles, weights = self.localizer.particles_metric(), self.localizer.weights()
-        out_stamp = stamp if stamp is not None else self.get_clock().now().nanoseconds * 1e-9
-        self._publish(out_stamp, est, particles, weights)
-        self.publish_diagnostics(out_stamp)
+        self._publish(stamp, est, particles, weights)
+        self.publish_diagnostics(stamp)
         if est.recovery:
             self.get_logger().warning(f"recovery after step {self.counters['processed']}: {est.recovery} "
                                       f"({est.health.message if est.health else ''})")
