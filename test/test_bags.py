@@ -403,3 +403,76 @@ def test_degenerate_updates_are_skipped_and_counted(bags, model, tmp_path):
                                                  map_file=str(tmp_path / "map.dmnmap")),
                        model=LoadedModel(broken, model.info, model.device, model.path))
     assert res["frames_processed"] == 0 and res["skipped"]["degenerate_update"] > 0
+
+
+def _with_corrupt_frame(src, dst, frame: int = 0):
+    """A copy of the raw-Image bag ``src`` whose ``frame``-th camera message has too few bytes."""
+    import dataclasses
+
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from dmn_ros.bags.reader import iter_raw_messages
+
+    ts = typestore()
+    msgs, _ = iter_raw_messages(src)
+    seen = 0
+    with Writer(dst, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conns = {}
+        for m in msgs:
+            if m.topic not in conns:
+                conns[m.topic] = w.add_connection(m.topic, m.msgtype, typestore=ts)
+            data = m.data
+            if m.topic == "/camera/image":
+                if seen == frame:
+                    msg = ts.deserialize_cdr(data, m.msgtype)
+                    data = ts.serialize_cdr(dataclasses.replace(msg, data=msg.data[:10]), m.msgtype)
+                seen += 1
+            w.write(conns[m.topic], m.log_time_ns, data)
+    return dst
+
+
+def test_corrupt_frame_is_neither_context_nor_step(bags, model, tmp_path):
+    """--map-source path picks the first frame as a context: a corrupt one is skipped (counted) there as in
+    the replay, and the next decodable frame becomes the first context."""
+    from dmn_ros.bags.evaluate import MapSource
+
+    bad = _with_corrupt_frame(bags["mcap"], tmp_path / "bad_frame")
+    with pytest.raises(Exception, match="bytes"):
+        load_bag(bad).image(0)
+    opts = EvalOptions(particles=K, progress=False, plots=False, map_source=MapSource.PATH, context_every_m=1.0)
+    res = evaluate_bag(bad, opts, model=model)
+    assert res["skipped"]["bad_context_image"] == 1 and res["skipped"]["bad_image"] == 1
+    assert res["contexts"] > 1 and res["frames_processed"] > 0 and 0 not in res["frame_indices"]
+
+
+def test_map_and_model_errors_do_not_abort_the_run(bags, model, tmp_path, capsys):
+    """A map from other weights fails each bag (recorded, rc 1); an unreadable --model is one line, rc 1."""
+    import torch
+
+    from dmn_ros.export import export_model
+    from dmn_ros.model import DMN
+
+    torch.manual_seed(1)
+    export_model(DMN(), tmp_path / "other.pt", meters_per_unit=20.0)
+    other = load_model(tmp_path / "other.pt")
+    data = load_bag(bags["mcap"], need_contexts=True)
+    from dmn_ros.localizer import build_map
+
+    build_map(other, [c[1] for c in data.contexts], np.stack([c[2] for c in data.contexts])).save(
+        tmp_path / "other.dmnmap")
+    d = tmp_path / "two"
+    d.mkdir()
+    _copy(bags["mcap"], d / "a")
+    _copy(bags["sqlite3"], d / "b")
+    rc = eval_main([str(d), "--model", str(model.path), "--map-source", "file", "--map-file",
+                    str(tmp_path / "other.dmnmap"), "-k", str(K), "--out", str(tmp_path / "out"), "--no-progress",
+                    "--no-plots"])
+    assert rc == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["error"] for r in summary["bags"]] == ["FingerprintMismatchError"] * 2
+    capsys.readouterr()
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    rc = eval_main([str(d / "a"), "--model", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "o2"),
+                    "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("dmn-bag-eval: error: ") and "junk.pt" in err and "Traceback" not in err

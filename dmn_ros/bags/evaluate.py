@@ -37,6 +37,7 @@ from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.reader import BagData, PoseStream, find_bags, load_bag
 from dmn_ros.bags.record import KIDNAP_STAMP_KEY
 from dmn_ros.bags.topics import TopicNames
+from dmn_ros.errors import DmnError
 from dmn_ros.evaluation.health_metrics import (
     COVERAGE_FROM_INDEX,
     ellipse_coverage,
@@ -339,8 +340,13 @@ def aggregate(results: list[dict[str, Any]], success_steps: tuple[int, ...]) -> 
 
 
 # ---- offline replay -------------------------------------------------------------------------
-def build_map(data: BagData, model: Any, opts: EvalOptions) -> Any:
-    """The view-embedding map for ``opts.map_source`` (contexts embedded with the model's CNN1)."""
+def build_map(data: BagData, model: Any, opts: EvalOptions, skipped: dict[str, int] | None = None) -> Any:
+    """The view-embedding map for ``opts.map_source`` (contexts embedded with the model's CNN1).
+
+    With ``--map-source path`` an undecodable frame is not taken as a context (the next decodable one is);
+    each such frame is counted in ``skipped["bad_context_image"]``.
+    """
+    from dmn_ros.images import ImageDecodeError
     from dmn_ros.localizer import build_map as build_view_map
     from dmn_ros.maps import ViewMap
 
@@ -356,18 +362,23 @@ def build_map(data: BagData, model: Any, opts: EvalOptions) -> Any:
         if data.ground_truth is None or not len(data.ground_truth):
             raise BagError(f"{data.path}: --map-source path needs ground truth", path=data.path)
         truth = truth_at(data.ground_truth, data.frame_stamps)
-        pick, travelled, last = [], 0.0, None
+        pick, images, travelled, last = [], [], 0.0, None
         for i, p in enumerate(truth):
             if not np.isfinite(p).all():
                 continue
             if last is not None:
                 travelled += float(np.hypot(*(p[:2] - last[:2])))
+            last = p
             if not pick or travelled >= opts.context_every_m:
+                try:
+                    images.append(data.image(i))
+                except ImageDecodeError:  # replay counts the same frame as a bad_image drop
+                    if skipped is not None:
+                        skipped["bad_context_image"] = skipped.get("bad_context_image", 0) + 1
+                    continue
                 pick.append(i)
                 travelled = 0.0
-            last = p
         stamps = [float(data.frame_stamps[i]) for i in pick]
-        images = [data.image(i) for i in pick]
         poses = truth[pick]
     return build_view_map(model, images, poses, ids=[f"bag/{i:06d}@{s:.3f}" for i, s in enumerate(stamps)])
 
@@ -490,10 +501,12 @@ def evaluate_bag(bag: str | Path, opts: EvalOptions, *, out_dir: str | Path | No
             from dmn_ros.export import default_model_path, load_model
 
             model = load_model(opts.model_path or default_model_path(), device=opts.device)
-        vm = build_map(data, model, opts)
+        map_skipped: dict[str, int] = {}
+        vm = build_map(data, model, opts, map_skipped)
         contexts = vm.poses.copy()
         loc = make_localizer(model, vm, data, opts)
         trace = replay(data, loc, opts)
+        trace.skipped.update(map_skipped)
     stamps, poses = trace.arrays()
     assert data.ground_truth is not None
     metrics = score(stamps, poses, data.ground_truth, area_size_m=_area(data, opts),
@@ -578,7 +591,8 @@ def _safe_name(bag: Path, root: Path) -> str:
 
 def evaluate_paths(paths: list[str | Path], opts: EvalOptions, *, out_dir: str | Path) -> dict[str, Any]:
     """Evaluate every bag under ``paths``; each bag's outputs are written as soon as it is done, and a bag
-    that fails is recorded with its error while the others go on. Writes ``summary.json`` at the end."""
+    that fails (any :class:`~dmn_ros.errors.DmnError`) is recorded with its error while the others go on.
+    Writes ``summary.json`` at the end. A model that cannot be loaded raises ``ModelLoadError``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags: list[tuple[Path, Path]] = []
@@ -598,7 +612,7 @@ def evaluate_paths(paths: list[str | Path], opts: EvalOptions, *, out_dir: str |
         target = out if single else out / _safe_name(bag, root)
         try:
             results.append(evaluate_bag(bag, opts, out_dir=target, model=model))
-        except BagError as exc:
+        except DmnError as exc:  # a bad bag, a map from other weights, an empty map: this bag's failure
             res = {"bag": str(bag), "error": type(exc).__name__, "message": str(exc)}
             results.append(res)
             target.mkdir(parents=True, exist_ok=True)
@@ -720,15 +734,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     opts = options_from_args(args)
-    if args.live:
-        from dmn_ros.bags.live import run_live
+    if not args.live and not args.bags:
+        ap.error("give at least one bag (or --live)")
+    try:
+        if args.live:
+            from dmn_ros.bags.live import run_live
 
-        summary = run_live(bag=args.bags[0] if args.bags else None, opts=replace(opts, plots=not args.no_plots),
-                           out_dir=args.out, idle_timeout_s=args.idle_timeout, duration_s=args.duration)
-    else:
-        if not args.bags:
-            ap.error("give at least one bag (or --live)")
-        summary = evaluate_paths(args.bags, opts, out_dir=args.out)
+            summary = run_live(bag=args.bags[0] if args.bags else None, opts=replace(opts, plots=not args.no_plots),
+                               out_dir=args.out, idle_timeout_s=args.idle_timeout, duration_s=args.duration)
+        else:
+            summary = evaluate_paths(args.bags, opts, out_dir=args.out)
+    except DmnError as exc:  # run-level: e.g. --model unreadable (each bag's own failure is in the summary)
+        print(f"dmn-bag-eval: error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(summary))
     print(f"results in {args.out}/")
     return 1 if any("error" in r for r in summary["bags"]) else 0
