@@ -14,6 +14,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,25 @@ REQUIRED_METHODS = ("embed_views", "prepare_map", "prepare_query", "log_likeliho
 """What a particle-filter observation model (``dmn``, ``latent_image``, ``latent_vector``) exports."""
 REGRESSION_METHODS = ("embed_views", "prepare_map", "prepare_query", "regress_prepared")
 """What the ``regression`` baseline exports instead (no particle weights)."""
+
+_log = logging.getLogger("dmn_ros.export")
+
+
+def resolve_device(name: str | torch.device | None, *, fallback: bool = True) -> torch.device:
+    """``"auto"`` → cuda when available, else cpu; ``"cuda"`` without a GPU falls back to cpu (warned), or
+    raises ``ValueError`` when ``fallback`` is False. An unknown name raises ``ValueError``."""
+    text = str(name or "auto").lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        if not fallback:
+            raise ValueError(f"device {text!r} requested but CUDA is not available (use cpu or auto)")
+        _log.warning("device %r requested but CUDA is not available; using cpu", text)
+        return torch.device("cpu")
+    try:
+        return torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {text!r} (use auto, cpu or cuda): {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -151,12 +171,18 @@ def module_device(module: torch.nn.Module, default: torch.device | str = "cpu") 
 
 
 def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an exported model; every failure is a :class:`ModelLoadError` naming the file."""
+    """Load an exported model; every failure is a :class:`ModelLoadError` naming the file.
+
+    ``device`` is ``auto`` (cuda when available), ``cpu``, ``cuda`` (an error without CUDA) or a torch device.
+    """
     path = Path(path)
+    try:
+        dev = resolve_device(device, fallback=False)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     extra = {META_FILE: ""}
-    dev = torch.device(device)
     try:
         module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
     except Exception as exc:  # torch raises RuntimeError/ValueError/zip errors for damaged archives

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dmn_ros.errors import DmnError, MapError
-from dmn_ros.export import LoadedModel, module_device
+from dmn_ros.export import LoadedModel, module_device, resolve_device
 from dmn_ros.filter import (
     Belief,
     FilterConfig,
@@ -69,17 +69,6 @@ class NotReadyError(DmnError):
 class DegenerateUpdateError(DmnError):
     """A frame's log-likelihoods are NaN or +inf, or -inf for every particle: the frame is refused and the
     belief is left as it was (weighing with them would make every weight NaN from then on)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → cuda when available, else cpu; ``"cuda"`` without a GPU falls back to cpu (warned)."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        _log.warning("device %r requested but CUDA is not available; using cpu", name)
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

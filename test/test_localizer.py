@@ -236,3 +236,16 @@ def test_non_finite_likelihoods_refuse_the_frame_and_keep_the_belief(model):
     np.testing.assert_array_equal(loc.particles_metric(), particles)
     np.testing.assert_array_equal(loc.weights(), weights)
     assert loc.health_state == health and np.isfinite(loc.weights()).all()
+
+
+def test_load_model_device_names(model):
+    """``auto`` works as in LocalizerConfig; a CUDA request without CUDA, or an unknown name, is a ModelLoadError
+    that says so (not a raw RuntimeError, nor "not a readable TorchScript archive")."""
+    from dmn_ros.errors import ModelLoadError
+
+    assert load_model(model.path, device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu'"):
+        load_model(model.path, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            load_model(model.path, device="cuda")
