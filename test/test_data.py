@@ -209,3 +209,22 @@ def test_on_the_fly_matches_cached_layout() -> None:
     b = next(iter(ds))
     assert b["context_images"].shape == (2, 3, 3, 16, 16) and b["query_images"].shape == (2, 3, 3, 16, 16)
     assert b["egomotion"].shape == (2, 3, 3) and b["env_id"][0].startswith("maze_")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("- image_size\n- bounds\n", "expected a mapping of fields, got a list"),
+    ("format_version: [1\nimage_size: 8\n", "not valid YAML"),
+    ("format_version: 1\nimage_size: [8, 8]\nmeters_per_unit: twenty\nbounds: [-1, 1, -1, 1]\n", "malformed field"),
+])
+def test_corrupt_dataset_yaml_is_a_format_error_naming_the_file(tmp_path, capsys, text, reason) -> None:
+    from dmn_ros.data.cli import main as dataset_cli
+
+    DatasetDir.create(tmp_path / "ds", DatasetMeta(image_size=(8, 8)))
+    meta = tmp_path / "ds" / "dataset.yaml"
+    meta.write_text(text)
+    with pytest.raises(DatasetFormatError, match=reason) as err:
+        DatasetDir(tmp_path / "ds")
+    assert str(meta) in str(err.value)
+    assert dataset_cli(["check", str(tmp_path / "ds")]) == 2  # dmn-dataset: one line, no traceback
+    out = capsys.readouterr().err
+    assert out.startswith("dmn-dataset: error: ") and str(meta) in out and reason in out

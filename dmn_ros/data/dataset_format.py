@@ -127,7 +127,9 @@ class DatasetMeta:
                 splits=splits,
                 format_version=version,
             )
-        except (KeyError, TypeError, IndexError) as e:
+        except DatasetFormatError:
+            raise
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
             raise DatasetFormatError(f"{where}: missing or malformed field ({e!r})") from e
 
 
@@ -204,9 +206,15 @@ class DatasetDir:
         meta_path = self.path / self.META
         if not meta_path.is_file():
             raise DatasetFormatError(f"{meta_path}: not found (not a dataset directory)")
-        with open(meta_path) as f:
-            self.meta = DatasetMeta.from_dict(yaml.safe_load(f) or {}, where=str(meta_path))
-            """Parsed dataset.yaml."""
+        try:
+            with open(meta_path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise DatasetFormatError(f"{meta_path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise DatasetFormatError(f"{meta_path}: expected a mapping of fields, got a {type(raw).__name__}")
+        self.meta = DatasetMeta.from_dict(raw, where=str(meta_path))
+        """Parsed dataset.yaml."""
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], meta: DatasetMeta) -> DatasetDir:
