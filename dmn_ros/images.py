@@ -162,6 +162,8 @@ def decode_compressed(data: bytes | bytearray | memoryview | np.ndarray, fmt: st
 
 def resize_rgb(rgb: np.ndarray, *, height: int, width: int) -> np.ndarray:
     """Resize to the model's size with area averaging (``cv2.INTER_AREA``); a no-op at the right size."""
+    if rgb.size == 0:
+        raise ImageDecodeError(f"image is empty (shape {tuple(rgb.shape)})")
     if rgb.shape[0] == height and rgb.shape[1] == width:
         return rgb
     return cv2.resize(rgb, (int(width), int(height)), interpolation=cv2.INTER_AREA)
@@ -196,6 +198,8 @@ def as_model_image(image: np.ndarray | torch.Tensor, *, height: int, width: int)
     t = torch.as_tensor(image).detach().cpu() if not isinstance(image, torch.Tensor) else image.detach().cpu()
     if t.dim() != 3 or 3 not in (t.shape[0], t.shape[2]):
         raise ImageDecodeError(f"expected an RGB image (H, W, 3) or (3, H, W), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ImageDecodeError(f"image is empty (shape {tuple(t.shape)})")
     if t.shape[2] == 3:
         t = t.permute(2, 0, 1)
     if t.dtype == torch.uint8:

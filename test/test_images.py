@@ -126,3 +126,16 @@ def test_resize_area_and_tensor():
         to_tensor(np.zeros((4, 4), np.uint8))
     with pytest.raises(ImageDecodeError):
         to_tensor(np.zeros((4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5, 3), np.uint8),
+                                   np.zeros((4, 0, 3), np.float32), torch.zeros(3, 0, 0)])
+def test_empty_images_are_decode_errors(empty):
+    """An empty frame is an ImageDecodeError (the node counts it as a bad image), not a raw cv2/torch error."""
+    from dmn_ros.images import as_model_image
+
+    with pytest.raises(ImageDecodeError, match="empty"):
+        as_model_image(empty, height=32, width=32)
+    if isinstance(empty, np.ndarray):
+        with pytest.raises(ImageDecodeError, match="empty"):
+            resize_rgb(empty, height=32, width=32)
