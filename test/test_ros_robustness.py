@@ -222,3 +222,86 @@ def test_nomotion_request_forces_the_next_new_frame_only(node: LocalizationNode)
     assert not node._force_update
     f.odom(1.5, 0.3)
     assert not f.step(1.5) and node.counters["skipped_small_motion"] == 2  # once only
+
+
+# ---- runtime parameters -----------------------------------------------------------------------
+def test_runtime_parameter_changes_apply_or_are_refused_over_dds(untrained, map_msg) -> None:
+    """`ros2 param set` over DDS: runtime values are validated and applied; start-only ones refused with a reason."""
+    from rclpy.parameter_client import AsyncParameterClient
+    from ros_helpers import Spinning
+
+    from dmn_ros.ros.mapping_node import MappingNode
+
+    sp = Spinning(num_threads=2)
+    try:
+        loc = sp.add(make_node(untrained, sp.ctx, map_msg, "dyn"))
+        mapping = sp.add(MappingNode(model=untrained, namespace="dyn", context=sp.ctx))
+        sp.probe = sp.add(rclpy.create_node("dyn_probe", context=sp.ctx))
+        sp.start()
+
+        def set_on(node_name: str, **values: Any) -> list[Any]:
+            client = AsyncParameterClient(sp.probe, node_name)
+            assert client.wait_for_services(timeout_sec=10.0)
+            fut = client.set_parameters([Parameter(k, value=v) for k, v in values.items()])
+            sp.wait(fut.done, what=f"set_parameters on {node_name}")
+            return fut.result().results
+
+        ok = set_on("/dyn/localization_node", update_min_d=0.5, motion_noise_xy=0.4, transform_tolerance=0.7,
+                    process_rate=5.0, **{"health.alpha_slow": 0.1})
+        assert all(r.successful for r in ok), ok
+        assert loc.p["update_min_d"] == 0.5 and loc.localizer.config.motion_noise_xy_m == 0.4
+        assert loc.localizer.config.health.alpha_slow == 0.1 and loc.odom.tolerance_s == 0.7
+        assert loc._work_timer.timer_period_ns == 200_000_000
+        for name, value, says in (("motion_noise_xy", -0.1, ">= 0"), ("odom_buffer_s", -1.0, "> 0"),
+                                  ("resample_threshold", 1.5, "[0.0, 1.0]"), ("health.alpha_fast", 0.0, "(0.0"),
+                                  ("update_min_a", float("nan"), "finite"), ("model_path", "/x.pt", "start only"),
+                                  ("image_topic", "cam2", "start only"), ("odom_frame_id", "odom2", "start only")):
+            (r,) = set_on("/dyn/localization_node", **{name: value})
+            assert not r.successful and name in r.reason and says in r.reason, (name, r.reason)
+        assert loc.p["motion_noise_xy"] == 0.4 and loc.get_parameter("model_path").value == ""
+        (r,) = set_on("/dyn/localization_node", image_topic="camera/image")  # the same value: re-loading a YAML
+        assert r.successful
+        (r,) = set_on("/dyn/mapping_node", pair_tolerance=0.2)
+        assert r.successful and mapping.p["pair_tolerance"] == 0.2
+        for name, value in (("map_topic", "other_map"), ("max_unpaired", 0), ("robot_id", "r9")):
+            (r,) = set_on("/dyn/mapping_node", **{name: value})
+            assert not r.successful and name in r.reason, r.reason
+    finally:
+        sp.close()
+
+
+def test_runtime_update_min_d_takes_effect(node: LocalizationNode) -> None:
+    f = Feed(node)
+    f.odom(0.0, 0.0)
+    assert f.step(0.0)
+    res = node.set_parameters([Parameter("update_min_d", value=1.0), Parameter("update_min_a", value=1.0)])
+    assert all(r.successful for r in res)
+    f.odom(0.5, 0.3)
+    assert not f.step(0.5) and node.counters["skipped_small_motion"] == 1  # was ignored: the node kept 0.0
+
+
+def test_invalid_parameters_at_start_fail_clearly(untrained, ctx) -> None:
+    from dmn_ros.errors import DmnError
+    from dmn_ros.ros.mapping_node import MappingNode
+
+    with pytest.raises(DmnError, match=r"update_min_d = -1.0: must be >= 0.*odom_buffer_s = 0.0: must be > 0"):
+        LocalizationNode(model=untrained, namespace="bad_start", context=ctx, parameter_overrides=[
+            Parameter("update_min_d", value=-1.0), Parameter("odom_buffer_s", value=0.0)])
+    with pytest.raises(DmnError, match="shared_batch = 0"):
+        MappingNode(model=untrained, namespace="bad_start", context=ctx,
+                    parameter_overrides=[Parameter("shared_batch", value=0)])
+
+
+def test_autosave_stays_off_for_a_refused_map_file(untrained, ctx, tmp_path) -> None:
+    from dmn_ros.ros.mapping_node import MappingNode
+
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"not a map")
+    node = MappingNode(model=untrained, namespace="refused", context=ctx,
+                       parameter_overrides=[Parameter("map_file", value=str(path))])
+    try:
+        assert node.get_parameter("autosave").value is False and not node._autosave
+        (r,) = node.set_parameters([Parameter("autosave", value=True)])
+        assert not r.successful and "refused at start" in r.reason and not node._autosave
+    finally:
+        node.destroy_node()

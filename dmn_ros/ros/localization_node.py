@@ -14,6 +14,7 @@ seconds, ERROR while there is no map or no belief (docs/health.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, TransformStamped
 from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -99,27 +101,11 @@ class LocalizationNode(Node):
             pf_z=float(p["pf_z"]),
             kld_bin_xy_m=float(p["kld_bin_xy"]),
             kld_bin_yaw_rad=float(p["kld_bin_yaw"]),
-            motion_noise_xy_m=float(p["motion_noise_xy"]),
-            motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
-            resample_threshold=float(p["resample_threshold"]),
             nearest_contexts=int(p["nearest_contexts"]),
-            cluster_radius_m=float(p["cluster_radius"]),
             device=str(p["device"]),
-            health=HealthConfig(
-                alpha_slow=float(p["health.alpha_slow"]),
-                alpha_fast=float(p["health.alpha_fast"]),
-                converged_xy_m=float(p["health.converged_xy"]),
-                converged_yaw_rad=float(p["health.converged_yaw"]),
-                converged_updates=int(p["health.converged_updates"]),
-                lost_ratio=float(p["health.lost_ratio"]),
-                warmup_updates=int(p["health.warmup_updates"]),
-            ),
-            recovery_alpha_slow=float(p["recovery_alpha_slow"]),
-            recovery_alpha_fast=float(p["recovery_alpha_fast"]),
-            lost_updates_before_global=int(p["lost_updates_before_global"]),
             covariance_inflation=float(p["covariance_inflation"]) or None,
         )
-        self.localizer = Localizer(self.model, config=cfg, seed=int(p["random_seed"]))
+        self.localizer = Localizer(self.model, config=runtime_config(cfg, p), seed=int(p["random_seed"]))
         self.counters: dict[str, int] = {
             "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
@@ -171,20 +157,16 @@ class LocalizationNode(Node):
         self.create_subscription(String, p["map_info_topic"], self._on_map_info, MAP_QOS, callback_group=sensors)
         self.create_service(Empty, "reinitialize_global_localization", self._on_global, callback_group=sensors)
         self.create_service(Empty, "request_nomotion_update", self._on_nomotion, callback_group=sensors)
-        self.create_timer(1.0 / max(float(p["process_rate"]), 1e-3), self._work,
-                          callback_group=MutuallyExclusiveCallbackGroup())
-        if float(p["diagnostics_period"]) > 0:
-            self.create_timer(float(p["diagnostics_period"]), self.publish_diagnostics,
-                              callback_group=MutuallyExclusiveCallbackGroup())
+        self._work_timer = self.create_timer(1.0 / float(p["process_rate"]), self._work,
+                                             callback_group=MutuallyExclusiveCallbackGroup())
+        self._diag_timer = self._make_timer(float(p["diagnostics_period"]), self.publish_diagnostics)
+        self._save_timer = self._make_timer(1.0 / float(p["save_pose_rate"]) if p["save_pose_rate"] > 0 else 0.0,
+                                            self.save_pose)
         self.tf = None
-        if p["tf_broadcast"]:
-            if TransformBroadcaster is not None:
-                self.tf = TransformBroadcaster(self)
-            else:
-                self.get_logger().warning("tf2_ros is not importable: map->odom is not broadcast")
-        if float(p["save_pose_rate"]) > 0:
-            self.create_timer(1.0 / float(p["save_pose_rate"]), self.save_pose,
-                              callback_group=MutuallyExclusiveCallbackGroup())
+        self._tf_broadcaster = None
+        self._set_tf_broadcast(bool(p["tf_broadcast"]))
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
         saved = self._read_saved_pose() if p["initialize_at_saved_pose"] else None
         if saved is not None:
             try:
@@ -198,6 +180,56 @@ class LocalizationNode(Node):
         domain = training_domain(self.model.info) or "an unrecorded domain"
         self.get_logger().info(f"localizing with model {self.model.info.fingerprint} (trained on {domain}) "
                                f"on {self.localizer.device}")
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _make_timer(self, period: float, callback: Any) -> Any:
+        """A timer of ``period`` s in its own callback group, or None for period 0."""
+        return self.create_timer(period, callback, callback_group=MutuallyExclusiveCallbackGroup()) if period else None
+
+    def _set_tf_broadcast(self, on: bool) -> None:
+        if on and self._tf_broadcaster is None and TransformBroadcaster is not None:
+            self._tf_broadcaster = TransformBroadcaster(self)
+        elif on and TransformBroadcaster is None:
+            self.get_logger().warning("tf2_ros is not importable: map->odom is not broadcast")
+        self.tf = self._tf_broadcaster if on else None
+
+    def _check_parameters(self, changes: list[Any]) -> SetParametersResult:
+        """Refuse (with the reason) changes of start-only parameters and values outside their ranges."""
+        new, reason = params.check_update(self.p, params.LOCALIZATION, params.RUNTIME_LOCALIZATION, changes)
+        if reason is None:
+            try:
+                runtime_config(self.localizer.config, {**self.p, **new})
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is not None:
+            self.get_logger().warning(f"parameter change refused: {reason}")
+        return SetParametersResult(successful=reason is None, reason=reason or "")
+
+    def _apply_parameters(self, changes: list[Any]) -> None:
+        """Apply accepted changes: filter settings from the next step, odometry buffer, timers, TF."""
+        with self._lock:
+            changed = {prm.name: prm.value for prm in changes
+                       if prm.name in params.LOCALIZATION and self.p.get(prm.name) != prm.value}
+            if not changed:
+                return
+            self.p.update(changed)
+            self.localizer.config = runtime_config(self.localizer.config, self.p)
+            self.odom.max_age_s = float(self.p["odom_buffer_s"])
+            self.odom.tolerance_s = float(self.p["transform_tolerance"])
+        if "process_rate" in changed:
+            self._work_timer.timer_period_ns = int(1e9 / float(self.p["process_rate"]))
+        if "diagnostics_period" in changed:
+            if self._diag_timer is not None:
+                self.destroy_timer(self._diag_timer)
+            self._diag_timer = self._make_timer(float(self.p["diagnostics_period"]), self.publish_diagnostics)
+        if "save_pose_rate" in changed:
+            if self._save_timer is not None:
+                self.destroy_timer(self._save_timer)
+            rate = float(self.p["save_pose_rate"])
+            self._save_timer = self._make_timer(1.0 / rate if rate > 0 else 0.0, self.save_pose)
+        if "tf_broadcast" in changed:
+            self._set_tf_broadcast(bool(self.p["tf_broadcast"]))
+        self.get_logger().info(f"parameters changed: {changed}")
 
     # ---- inputs -----------------------------------------------------------------------------
     def _too_far_ahead(self, stamp: float) -> bool:
@@ -676,6 +708,34 @@ class LocalizationNode(Node):
         if float(self.p["save_pose_rate"]) > 0:
             self.save_pose()  # the newest estimate, not one up to 1/save_pose_rate s old
         super().destroy_node()
+
+
+def runtime_config(cfg: LocalizerConfig, p: dict[str, Any]) -> LocalizerConfig:
+    """``cfg`` with the filter settings that may change at runtime taken from the parameters ``p``.
+
+    ValueError for values the filter refuses (e.g. a health alpha outside (0, 1]).
+    """
+    if float(p["cluster_radius"]) < 0:
+        raise ValueError(f"cluster_radius must be >= 0, got {p['cluster_radius']}")
+    return dataclasses.replace(
+        cfg,
+        motion_noise_xy_m=float(p["motion_noise_xy"]),
+        motion_noise_yaw_rad=float(p["motion_noise_yaw"]),
+        resample_threshold=float(p["resample_threshold"]),
+        cluster_radius_m=float(p["cluster_radius"]),
+        health=HealthConfig(
+            alpha_slow=float(p["health.alpha_slow"]),
+            alpha_fast=float(p["health.alpha_fast"]),
+            converged_xy_m=float(p["health.converged_xy"]),
+            converged_yaw_rad=float(p["health.converged_yaw"]),
+            converged_updates=int(p["health.converged_updates"]),
+            lost_ratio=float(p["health.lost_ratio"]),
+            warmup_updates=int(p["health.warmup_updates"]),
+        ),
+        recovery_alpha_slow=float(p["recovery_alpha_slow"]),
+        recovery_alpha_fast=float(p["recovery_alpha_fast"]),
+        lost_updates_before_global=int(p["lost_updates_before_global"]),
+    )
 
 
 def resolve_pose_file(param: str, namespace: str, name: str) -> Path:

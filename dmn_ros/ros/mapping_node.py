@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
@@ -106,6 +108,7 @@ class MappingNode(Node):
         self._next_index = 0
         self._dirty = False
         self._autosave = bool(self.p["autosave"])
+        self._map_file_refused = False
         self._save_due = False
         self._save_retry_at = 0.0
         self.map_file = Path(self.p["map_file"]).expanduser() if self.p["map_file"] else None
@@ -121,6 +124,9 @@ class MappingNode(Node):
                 log.info(f"loaded {len(loaded)} views from {self.map_file}")
             except (FingerprintMismatchError, MapError) as exc:
                 self._autosave = False
+                self._map_file_refused = True
+                self.set_parameters([Parameter("autosave", value=False)])  # what `ros2 param get` shows
+                self.p["autosave"] = False
                 log.error(f"{exc}; starting with an empty map and autosave off to keep that file")
 
         self.map_pub = self.create_publisher(PointCloud2, self.p["map_topic"], MAP_QOS)
@@ -148,12 +154,33 @@ class MappingNode(Node):
             self.create_timer(0.5, self._sync_tick)
             self._to_share = list(self.view_map.ids)  # a loaded map is offered to the peers once
         self.create_timer(0.2, self._flush)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
         self._publish()
         log.info(
             f"mapping with model {info.fingerprint} on {self.model.device} as '{self.robot_id}'; "
             f"{len(self.view_map)} views; map on '{self.p['map_topic']}'"
             + (f"; sharing {self.share_format.value} on '{self.p['shared_topic']}'" if self.sharing else "")
         )
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _check_parameters(self, changes: list[Any]) -> SetParametersResult:
+        """Refuse (with the reason) changes of start-only parameters and values outside their ranges."""
+        new, reason = params.check_update(self.p, params.MAPPING, params.RUNTIME_MAPPING, changes)
+        if reason is None and new.get("autosave") and self._map_file_refused:
+            reason = f"autosave stays off: map_file {self.map_file} was refused at start and is kept as it is"
+        if reason is not None:
+            self.get_logger().warning(f"parameter change refused: {reason}")
+        return SetParametersResult(successful=reason is None, reason=reason or "")
+
+    def _apply_parameters(self, changes: list[Any]) -> None:
+        with self._lock:
+            changed = {prm.name: prm.value for prm in changes
+                       if prm.name in params.MAPPING and self.p.get(prm.name) != prm.value}
+            self.p.update(changed)
+            self._autosave = bool(self.p["autosave"]) and not self._map_file_refused
+        if changed:
+            self.get_logger().info(f"parameters changed: {changed}")
 
     # ---- inputs -----------------------------------------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:

@@ -2,14 +2,20 @@
 
 ``config/dmn_localize.yaml`` lists the same names; a test checks that every
 parameter declared here appears there. ``use_sim_time`` is declared by rclpy itself.
+Values outside their range (:data:`LIMITS`) stop a node at start; while it runs, only the
+:data:`RUNTIME_LOCALIZATION` / :data:`RUNTIME_MAPPING` ones may change (``ros2 param set``),
+again within range; the nodes refuse the rest with the reason.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rcl_interfaces.msg import ParameterDescriptor
+
+from dmn_ros.errors import DmnError
 
 ParamTable = dict[str, tuple[Any, str]]
 
@@ -129,10 +135,94 @@ SIM: ParamTable = {
 }
 
 
+RUNTIME_LOCALIZATION = frozenset({
+    "update_min_d", "update_min_a", "transform_tolerance", "odom_buffer_s", "motion_noise_xy", "motion_noise_yaw",
+    "resample_threshold", "cluster_radius", "recovery_alpha_slow", "recovery_alpha_fast",
+    "lost_updates_before_global", *(k for k in LOCALIZATION if k.startswith("health.")),
+    "global_localization_on_map", "tf_broadcast", "process_rate", "publish_particles", "max_published_particles",
+    "diagnostics_period", "max_stamp_ahead", "odom_jump_m", "time_reset_s", "initialpose_margin", "save_pose_rate",
+})
+"""localization_node parameters that may change while it runs (the rest are read at start only)."""
+RUNTIME_MAPPING = frozenset({"pair_tolerance", "max_unpaired", "autosave", "shared_batch"})
+"""mapping_node parameters that may change while it runs (the rest are read at start only)."""
+
+Check = Callable[[Any], "str | None"]
+
+
+def _at_least(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _above(lo: float) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def _within(lo: float, hi: float, *, open_lo: bool = False) -> Check:
+    return lambda v: None if (lo < v if open_lo else lo <= v) and v <= hi else (
+        f"must lie in {'(' if open_lo else '['}{lo}, {hi}]")
+
+
+LIMITS: dict[str, Check] = {
+    **{k: _at_least(0.0) for k in (
+        "update_min_d", "update_min_a", "transform_tolerance", "motion_noise_xy", "motion_noise_yaw",
+        "cluster_radius", "covariance_inflation", "diagnostics_period", "max_stamp_ahead", "odom_jump_m",
+        "time_reset_s", "initialpose_margin", "save_pose_rate", "initial_pose.std_xy", "initial_pose.std_yaw",
+        "lost_updates_before_global", "nearest_contexts", "max_published_particles", "health.converged_xy",
+        "health.converged_yaw", "health.lost_ratio", "health.warmup_updates", "pair_tolerance", "max_contexts",
+        "thinning_heading_scale", "sync_window")},
+    **{k: _at_least(1) for k in ("max_particles", "tracking_particles", "min_particles", "health.converged_updates",
+                                 "max_unpaired", "shared_history", "shared_batch")},
+    **{k: _above(0.0) for k in ("odom_buffer_s", "process_rate", "pf_err", "kld_bin_xy", "kld_bin_yaw")},
+    "resample_threshold": _within(0.0, 1.0),
+    "recovery_alpha_slow": _within(0.0, 1.0),
+    "recovery_alpha_fast": _within(0.0, 1.0),
+    "health.alpha_slow": _within(0.0, 1.0, open_lo=True),
+    "health.alpha_fast": _within(0.0, 1.0, open_lo=True),
+}
+"""Range of each numeric parameter (by name, in every table that declares it); NaN and infinities never pass."""
+
+
+def problems(values: dict[str, Any]) -> list[str]:
+    """``'name = value: reason'`` for every value in ``values`` outside its range (:data:`LIMITS`)."""
+    out = []
+    for name, v in values.items():
+        check = LIMITS.get(name)
+        if check is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        reason = "must be finite" if not math.isfinite(v) else check(v)
+        if reason:
+            out.append(f"{name} = {v}: {reason}")
+    return out
+
+
+def check_update(current: dict[str, Any], table: ParamTable, runtime: frozenset[str],
+                 changes: Iterable[Any]) -> tuple[dict[str, Any], str | None]:
+    """The new values of ``changes`` (rclpy Parameters) and None, or ``({}, reason)`` to refuse them all.
+
+    A parameter outside ``runtime`` may be "set" to its current value (re-loading the same YAML),
+    not changed; names not in ``table`` (``use_sim_time``) are rclpy's own and ignored here.
+    """
+    new: dict[str, Any] = {}
+    for prm in changes:
+        if prm.name not in table:
+            continue
+        if prm.name not in runtime and prm.value != current.get(prm.name):
+            return {}, f"{prm.name} is read at start only: restart the node to change it"
+        new[prm.name] = prm.value
+    bad = problems(new)
+    return ({}, "; ".join(bad)) if bad else (new, None)
+
+
 def declare(node: Any, table: ParamTable) -> dict[str, Any]:
-    """Declare ``table`` on ``node`` and return the current values (YAML/overrides applied)."""
+    """Declare ``table`` on ``node`` and return the current values (YAML/overrides applied).
+
+    Raises :class:`~dmn_ros.errors.DmnError` naming every value outside its range (:data:`LIMITS`).
+    """
     out: dict[str, Any] = {}
     for name, (default, doc) in table.items():
         node.declare_parameter(name, default, ParameterDescriptor(description=doc))
         out[name] = node.get_parameter(name).value
+    bad = problems(out)
+    if bad:
+        raise DmnError(f"{node.get_name()}: invalid parameters: {'; '.join(bad)}")
     return out
