@@ -170,13 +170,16 @@ def resize_rgb(rgb: np.ndarray, *, height: int, width: int) -> np.ndarray:
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """RGB uint8 ``(H, W, 3)`` → float32 ``(3, H, W)`` in [0, 1], the models' input convention."""
+    """RGB uint8 ``(..., H, W, 3)`` → float32 ``(..., 3, H, W)`` in [0, 1], the models' input convention.
+
+    One image or a batch of any leading shape (the data pipeline's ``(N, H, W, 3)`` stacks).
+    """
     rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ImageDecodeError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+    if rgb.ndim < 3 or rgb.shape[-1] != 3:
+        raise ImageDecodeError(f"expected RGB images (..., H, W, 3), got shape {rgb.shape}")
     if rgb.dtype != np.uint8:
         raise ImageDecodeError(f"expected uint8 pixels, got {rgb.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).movedim(-1, -3).float().div_(255.0)
 
 
 def prepare_image(rgb: np.ndarray, *, height: int, width: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dmn_ros.errors import FingerprintMismatchError, MapError
-from dmn_ros.export import atomic_write_bytes
+from dmn_ros.files import atomic_write_bytes
 
 __all__ = ["MAP_FORMAT", "ViewMap"]
 

@@ -476,3 +476,23 @@ def test_map_and_model_errors_do_not_abort_the_run(bags, model, tmp_path, capsys
                     "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("dmn-bag-eval: error: ") and "junk.pt" in err and "Traceback" not in err
+
+
+def test_outputs_are_replaced_atomically(tmp_path):
+    """TUM files and PNG plots go through a unique temp file renamed into place: a user's own
+    ``<name>.tmp`` is left alone (a fixed temp name used to be overwritten and renamed away), and a plot
+    is a new file, not the old one rewritten in place under a reader."""
+    from dmn_ros.bags.plots import plot_error
+    from dmn_ros.bags.tum import write_tum
+
+    mine = tmp_path / "estimate.tum.tmp"
+    mine.write_text("the user's own file")
+    write_tum(tmp_path / "estimate.tum", np.arange(3.0), np.zeros((3, 3)))
+    assert mine.read_text() == "the user's own file"
+    assert read_tum(tmp_path / "estimate.tum")[0].tolist() == [0.0, 1.0, 2.0]
+    png = tmp_path / "error.png"
+    plot_error(png, times=np.arange(3.0), errors=np.ones(3), threshold_m=1.0)
+    first = png.stat().st_ino
+    plot_error(png, times=np.arange(3.0), errors=np.ones(3), threshold_m=0.5)
+    assert png.stat().st_ino != first and png.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.png", "estimate.tum", "estimate.tum.tmp"]

@@ -139,3 +139,13 @@ def test_empty_images_are_decode_errors(empty):
     if isinstance(empty, np.ndarray):
         with pytest.raises(ImageDecodeError, match="empty"):
             resize_rgb(empty, height=32, width=32)
+
+
+def test_to_tensor_converts_batches_as_single_images():
+    """The one uint8 → float conversion: the data pipeline's (N, H, W, 3) stacks go through it too."""
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, size=(2, 4, 5, 6, 3), dtype=np.uint8)
+    t = to_tensor(batch)
+    assert t.shape == (2, 4, 3, 5, 6) and t.dtype == torch.float32
+    torch.testing.assert_close(t[1, 2], to_tensor(batch[1, 2]), rtol=0, atol=0)
+    assert float(t.max()) <= 1.0 and float(t.min()) >= 0.0

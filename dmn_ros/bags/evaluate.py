@@ -25,7 +25,6 @@ import argparse
 import enum
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +44,7 @@ from dmn_ros.evaluation.health_metrics import (
     time_to_recover,
 )
 from dmn_ros.evaluation.protocol import rmse, success_rate, success_threshold_m
+from dmn_ros.files import atomic_write_text
 from dmn_ros.ros.transforms import OdometryBuffer, interpolate_pose
 
 __all__ = [
@@ -579,9 +579,7 @@ def write_outputs(out: Path, *, stamps: np.ndarray, poses: np.ndarray, gt: PoseS
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _safe_name(bag: Path, root: Path) -> str:

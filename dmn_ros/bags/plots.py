@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmn_ros.files import atomic_save_figure
+
 __all__ = ["plot_error", "plot_trajectory"]
 
 
@@ -39,7 +41,7 @@ def plot_trajectory(path: str | Path, *, estimate: np.ndarray, truth: np.ndarray
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 
@@ -57,5 +59,5 @@ def plot_error(path: str | Path, *, times: np.ndarray, errors: np.ndarray, thres
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     plt.close(fig)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from dmn_ros.files import atomic_write_text
 from dmn_ros.geometry import quaternion_to_yaw, yaw_to_quaternion
 
 __all__ = ["read_tum", "write_tum"]
@@ -23,9 +23,7 @@ def write_tum(path: str | Path, stamps: np.ndarray, poses: np.ndarray) -> None:
     for t, p in zip(stamps, poses, strict=True):
         q = yaw_to_quaternion(np.float64(p[2]))
         lines.append(f"{t:.9f} {p[0]:.9f} {p[1]:.9f} 0.0 {q[0]:.12f} {q[1]:.12f} {q[2]:.12f} {q[3]:.12f}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

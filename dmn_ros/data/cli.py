@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from dmn_ros.data.dataset_format import SPLITS, DatasetDir, DatasetFormatError, EnvViews, _atomic
+from dmn_ros.data.dataset_format import SPLITS, DatasetDir, DatasetFormatError, EnvViews
 from dmn_ros.data.from_bag import (
     ConversionReport,
     ConvertOptions,
@@ -26,6 +26,7 @@ from dmn_ros.data.from_bag import (
     write_dataset,
 )
 from dmn_ros.errors import DmnError
+from dmn_ros.files import atomic_open
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -107,7 +108,7 @@ def _write(args: argparse.Namespace, envs: list[tuple[EnvViews, ConversionReport
         print(f"warning: {w}", file=sys.stderr)
     report_path = Path(args.out) / "conversion.json"
     old = json.loads(report_path.read_text()) if report_path.is_file() else []
-    with _atomic(report_path, "w") as f:  # same temp-file-then-rename rule as every dataset file
+    with atomic_open(report_path, "w") as f:  # same temp-file-then-rename rule as every dataset file
         json.dump(old + [r.to_dict() for _, r in envs], f, indent=2)
     m = ds.meta
     side = m.bounds[1] - m.bounds[0]

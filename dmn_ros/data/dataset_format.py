@@ -16,17 +16,15 @@ interrupted writer never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import yaml
 
+from dmn_ros.files import atomic_open
 from dmn_ros.geometry import MetricScale
 
 __all__ = [
@@ -177,24 +175,6 @@ class EnvViews:
         return [np.arange(s, e) for s, e in zip(starts, ends, strict=True)]
 
 
-@contextmanager
-def _atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temp file beside ``path`` and move it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide shared datasets from other users
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class DatasetDir:
     """Reader/writer for one dataset directory."""
 
@@ -234,7 +214,7 @@ class DatasetDir:
 
     @classmethod
     def _write_meta(cls, root: Path, meta: DatasetMeta) -> None:
-        with _atomic(root / cls.META, "w") as f:
+        with atomic_open(root / cls.META, "w") as f:
             yaml.safe_dump(meta.to_dict(), f, sort_keys=False)
 
     def env_path(self, name: str) -> Path:
@@ -292,7 +272,7 @@ class DatasetDir:
             raise DatasetFormatError(f"{views.name}: image size {views.images.shape[1:3]} != dataset "
                                      f"{self.meta.image_size}")
         p = self.env_path(views.name)
-        with _atomic(p) as f:
+        with atomic_open(p) as f:
             np.savez(
                 f,
                 images=views.images,  # (N, H, W, 3) uint8

@@ -27,23 +27,19 @@ from dmn_ros.data.episodes import (
     generate_env_views,
     sample_episode_from_views,
 )
+from dmn_ros.images import to_tensor
 
 __all__ = ["EpisodeDataset", "OnTheFlyEpisodes", "episode_to_tensors", "stack_episodes"]
 
 NumContexts = int | tuple[int, int]
 
 
-def _images(x: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def episode_to_tensors(ep: Episode) -> dict[str, Any]:
     """Episode -> dict of tensors; poses stay metric float32 (the model normalizes with MetricScale)."""
     return {
-        "context_images": _images(ep.context_images),  # (Nc, 3, H, W)
+        "context_images": to_tensor(ep.context_images),  # (Nc, 3, H, W)
         "context_poses": torch.from_numpy(ep.context_poses).float(),  # (Nc, 3)
-        "query_images": _images(ep.query_images),  # (T, 3, H, W)
+        "query_images": to_tensor(ep.query_images),  # (T, 3, H, W)
         "query_poses": torch.from_numpy(ep.query_poses).float(),  # (T, 3)
         "egomotion": torch.from_numpy(ep.egomotion).float(),  # (T, 3), row 0 zero
         "egomotion_true": torch.from_numpy(ep.egomotion_true).float(),  # (T, 3)

@@ -33,7 +33,8 @@ from dmn_ros.evaluation.protocol import (
     uninformed_errors,
 )
 from dmn_ros.evaluation.ranking import truth_rank
-from dmn_ros.export import LoadedModel, atomic_write_bytes, default_model_path, load_model, training_domain
+from dmn_ros.export import LoadedModel, default_model_path, load_model, training_domain
+from dmn_ros.files import atomic_save_figure, atomic_write_bytes
 from dmn_ros.geometry import MetricScale
 from dmn_ros.localizer import model_covariance_inflation, model_likelihood_scale
 from dmn_ros.model import model_kind
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "success_vs_t.png", dpi=120)
+    atomic_save_figure(fig, out / "success_vs_t.png", dpi=120)
     plt.close(fig)
 
     for name, values, key in (("K", args.k_sweep, "num_particles"), ("Nc", args.nc_sweep, "num_contexts")):
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("global success t=5 (%)")
         ax.set_ylim(0, 100)
         fig.tight_layout()
-        fig.savefig(out / f"success_vs_{name}.png", dpi=120)
+        atomic_save_figure(fig, out / f"success_vs_{name}.png", dpi=120)
         plt.close(fig)
 
     if args.baseline_model:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes

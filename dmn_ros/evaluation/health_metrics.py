@@ -146,10 +146,6 @@ class Runs:
         return ellipse_coverage(self.errors_xy[:, steps], self.covariance[:, steps, :2, :2], inflation=inflation)
 
 
-def _images(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
-
-
 @torch.inference_mode()
 def collect_runs(
     model: ObservationModel,

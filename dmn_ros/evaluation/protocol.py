@@ -22,6 +22,7 @@ from dmn_ros.data.episodes import Episode, sample_episode_from_views
 from dmn_ros.filter import FilterConfig, encode_map, filter_step, init_gaussian, init_uniform
 from dmn_ros.filter.runner import ObservationModel, StepResult
 from dmn_ros.geometry import MetricScale, compose
+from dmn_ros.images import to_tensor
 
 PAPER_SUCCESS_M = 8.94  # sqrt(80 m²) in the paper's 40 m × 40 m environments
 PAPER_AREA_M = 40.0
@@ -99,10 +100,6 @@ def make_episode_set(
     return EpisodeSet(eps, area, tuple(ds.meta.bounds), ds.meta.metric_scale(), desc)
 
 
-def _images(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
-
-
 class EpisodeBatch(NamedTuple):
     """Up to ``settings.batch_episodes`` episodes as model inputs (normalized poses) plus the metric truth."""
 
@@ -125,10 +122,10 @@ def episode_batches(episodes: EpisodeSet, settings: EvalSettings, device: torch.
     for start in range(0, len(eps), settings.batch_episodes):
         chunk = eps[start : start + settings.batch_episodes]
         yield EpisodeBatch(
-            contexts=torch.stack([_images(e.context_images[:nc]) for e in chunk]).to(device),
+            contexts=torch.stack([to_tensor(e.context_images[:nc]) for e in chunk]).to(device),
             context_poses=torch.stack(
                 [torch.from_numpy(scale.to_normalized(e.context_poses[:nc])) for e in chunk]).float().to(device),
-            queries=torch.stack([_images(e.query_images[:big_t]) for e in chunk]).to(device),
+            queries=torch.stack([to_tensor(e.query_images[:big_t]) for e in chunk]).to(device),
             egomotion=torch.stack(
                 [torch.from_numpy(scale.delta_to_normalized(e.egomotion[:big_t])) for e in chunk]).float().to(device),
             truth=np.stack([e.query_poses[:big_t] for e in chunk]),

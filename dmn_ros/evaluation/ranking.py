@@ -15,8 +15,9 @@ import math
 import numpy as np
 import torch
 
-from dmn_ros.evaluation.protocol import EpisodeSet, _images
+from dmn_ros.evaluation.protocol import EpisodeSet
 from dmn_ros.filter.runner import ObservationModel, encode_map
+from dmn_ros.images import to_tensor
 
 
 @torch.inference_mode()
@@ -47,7 +48,7 @@ def truth_rank(
     xmin, xmax, ymin, ymax = episodes.bounds
     out = np.zeros(len(episodes.episodes))
     for i, e in enumerate(episodes.episodes):
-        ctx = _images(e.context_images[:num_contexts])[None].to(dev)
+        ctx = to_tensor(e.context_images[:num_contexts])[None].to(dev)
         cpose = torch.from_numpy(scale.to_normalized(e.context_poses[:num_contexts])).float()[None].to(dev)
         pm = encode_map(model, images=ctx, poses=cpose)
         rnd = np.stack([rng.uniform(xmin, xmax, num_random), rng.uniform(ymin, ymax, num_random),
@@ -63,7 +64,7 @@ def truth_rank(
             truths = truths + rng.normal(size=(num_truth, 3)) * std
         poses = np.concatenate([truths, rnd])
         particles = torch.from_numpy(scale.to_normalized(poses)).float()[None].to(dev)
-        q, hq = model.prepare_query(_images(e.query_images[:1]).to(dev))
+        q, hq = model.prepare_query(to_tensor(e.query_images[:1]).to(dev))
         ll = model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, particles, 0)[0]
         k = len(truths)
         out[i] = float((ll[None, k:] < ll[:k, None]).float().mean())
