@@ -56,7 +56,8 @@ from dmn_ros.sharing import ContextLedger, SharedContextError, ShareFormat, make
 MAP_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 """Latched map: late localizers get the current map at once."""
 CONTEXT_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
-"""Context inputs: reliable (contexts are rare and precious), volatile so that any publisher matches."""
+"""Context inputs: reliable, since contexts are rare and precious; so a best-effort publisher does not match
+(publish contexts reliably). Volatile, so that volatile and transient_local publishers both match."""
 SYNC_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 """Full-map requests of late joiners: sent whenever a new peer's request subscriber appears."""
 
