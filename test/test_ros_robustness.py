@@ -305,3 +305,114 @@ def test_autosave_stays_off_for_a_refused_map_file(untrained, ctx, tmp_path) -> 
         assert not r.successful and "refused at start" in r.reason and not node._autosave
     finally:
         node.destroy_node()
+
+
+# ---- threads and locks ------------------------------------------------------------------------
+class GatedModel:
+    """The untrained model whose likelihood waits for ``gate``: holds a filter step in progress."""
+
+    def __init__(self, inner) -> None:
+        import threading
+
+        self.inner, self.entered, self.gate = inner, threading.Event(), threading.Event()
+
+    def to(self, _device):
+        return self
+
+    def parameters(self):
+        return self.inner.parameters()
+
+    def buffers(self):
+        return self.inner.buffers()
+
+    def embed_views(self, images):
+        return self.inner.embed_views(images)
+
+    def prepare_map(self, emb):
+        return self.inner.prepare_map(emb)
+
+    def prepare_query(self, q):
+        return self.inner.prepare_query(q)
+
+    def log_likelihood_prepared(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(60.0)
+        return self.inner.log_likelihood_prepared(*args, **kwargs)
+
+
+def test_odometry_and_frames_are_taken_while_a_step_runs(untrained, ctx, map_msg) -> None:
+    """The executor's second thread serves odometry and images during a filter step (spin.run_node)."""
+    import threading
+
+    from dmn_ros.export import LoadedModel
+
+    gated = GatedModel(untrained.module)
+    node = make_node(LoadedModel(gated, untrained.info, untrained.device, untrained.path), ctx, map_msg, "gated")
+    f = Feed(node)
+    worker = threading.Thread(target=node._work, daemon=True)
+    try:
+        f.odom(0.0, 0.0)
+        f.frame(0.0)
+        worker.start()
+        assert gated.entered.wait(30.0)  # the step is running
+        cb = threading.Thread(target=lambda: (f.odom(0.5, 0.1), f.frame(0.5)), daemon=True)
+        cb.start()
+        cb.join(5.0)
+        assert not cb.is_alive(), "odometry/image callbacks waited for the filter step"
+        assert node.odom.latest_stamp == pytest.approx(f.t0 + 0.5) and node._pending is not None
+        reset = threading.Thread(target=f.odom, args=(-30.0, 0.0), daemon=True)  # time goes back mid-step
+        reset.start()
+        reset.join(5.0)
+        assert not reset.is_alive() and node.counters["time_resets"] == 1
+    finally:
+        gated.gate.set()
+        worker.join(30.0)
+        node.destroy_node()
+    assert node.counters["processed"] == 1
+    assert node.last_stamp is None and node._odom_reset  # the reset during the step is not undone by it
+
+
+class Broadcaster:
+    """Stands in for tf2_ros.TransformBroadcaster (not installable here); records what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def sendTransform(self, t) -> None:  # tf2_ros's name
+        self.sent.append(t)
+
+
+def test_odometry_buffer_is_read_under_the_lock_for_map_to_odom(node: LocalizationNode) -> None:
+    """_on_odom trims the buffer in two steps on another thread: every read must hold the node's lock."""
+    from dmn_ros.geometry import yaw_to_quaternion
+    from dmn_ros.ros.transforms import OdometryBuffer
+
+    unlocked: list[str] = []
+
+    class Checked(OdometryBuffer):  # the real buffer, recording reads made without the node's lock
+        def pose_at(self, stamp):
+            if not node._lock._is_owned():
+                unlocked.append("pose_at")
+            return super().pose_at(stamp)
+
+    node.odom = Checked(max_age_s=node.odom.max_age_s, tolerance_s=node.odom.tolerance_s)
+    node.tf = Broadcaster()
+    f = Feed(node)
+    f.odom(0.0, 1.0)
+    assert f.step(0.0)
+    assert unlocked == []  # _broadcast_tf read the buffer without the lock
+    (t,) = node.tf.sent
+    mean = node.last_estimate.mean
+    expected = mean[0] - 1.0 * np.cos(mean[2]), mean[1] - 1.0 * np.sin(mean[2])  # map->base ∘ (odom->base)⁻¹
+    assert (t.transform.translation.x, t.transform.translation.y) == pytest.approx(expected, abs=1e-5)
+    assert t.transform.rotation.w == pytest.approx(float(yaw_to_quaternion(np.float64(mean[2]))[3]), abs=1e-6)
+
+
+def test_odometry_in_other_frames_is_a_counted_drop(node: LocalizationNode) -> None:
+    f = Feed(node)
+    f.odom(0.0, 0.0, frame="odom", child="base_link")
+    f.odom(0.1, 0.0, frame="/odom", child="")  # a leading slash and an empty child id pass
+    f.odom(0.2, 0.0, frame="map", child="base_link")
+    f.odom(0.3, 0.0, frame="odom", child="camera")
+    assert node.counters["bad_odom_frame"] == 2 and len(node.odom) == 2
+    assert node.set_parameters([Parameter("base_frame_id", value="camera")])[0].successful is False

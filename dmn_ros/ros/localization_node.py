@@ -110,14 +110,22 @@ class LocalizationNode(Node):
             "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
             "bad_maps": 0, "step_errors": 0, "future_stamp": 0, "odom_jumps": 0, "time_resets": 0,
-            "dropped_time_reset": 0, "bad_map_info": 0,
+            "dropped_time_reset": 0, "bad_map_info": 0, "bad_odom_frame": 0,
         }
         self._step_failed = False
         """Inputs used and dropped, by reason."""
         self.last_estimate: Estimate | None = None
         self.last_stamp: float | None = None
         """Image stamp of the last filter update (egomotion is measured from it)."""
+        self._filter_lock = threading.RLock()
+        """Held while the localizer (belief, map, filter settings) is used or changed, a whole filter step
+        included. Taken before ``_lock`` when both are needed, never while holding ``_lock``."""
         self._lock = threading.RLock()
+        """Inputs and bookkeeping (frames, odometry buffer, stamps, counters); held briefly, never for a step,
+        so odometry and image callbacks run while the worker filters (spin.run_node's second thread)."""
+        self._odom_epoch = 0
+        """Bumped when the odometry buffer is replaced (odometry jump, time reset): a step that was running
+        then does not re-anchor the egomotion of the next one."""
         self._frames: list[tuple[float, Any, float]] = []
         """Unprocessed frames ``(stamp, msg, arrival)``, oldest first: the newest usable one, then newer ones
         whose odometry has not arrived yet (see :meth:`_take_frame`)."""
@@ -207,7 +215,7 @@ class LocalizationNode(Node):
 
     def _apply_parameters(self, changes: list[Any]) -> None:
         """Apply accepted changes: filter settings from the next step, odometry buffer, timers, TF."""
-        with self._lock:
+        with self._filter_lock, self._lock:
             changed = {prm.name: prm.value for prm in changes
                        if prm.name in params.LOCALIZATION and self.p.get(prm.name) != prm.value}
             if not changed:
@@ -266,6 +274,7 @@ class LocalizationNode(Node):
             f"back (bag loop, simulation restart); odometry and pending frames cleared, belief kept, the next "
             f"update runs without motion")
         self.odom = OdometryBuffer(max_age_s=self.odom.max_age_s, tolerance_s=self.odom.tolerance_s)
+        self._odom_epoch += 1
         self._frames.clear()
         self.last_stamp = None
         self._last_odom = None
@@ -284,6 +293,13 @@ class LocalizationNode(Node):
             self._drop_superseded(now)
 
     def _on_odom(self, msg: Odometry) -> None:
+        frame, child = msg.header.frame_id.lstrip("/"), msg.child_frame_id.lstrip("/")
+        if (frame and frame != self.p["odom_frame_id"]) or (child and child != self.p["base_frame_id"]):
+            self.counters["bad_odom_frame"] += 1
+            self.get_logger().warning(f"odometry '{frame}' -> '{child}' dropped: expected '{self.p['odom_frame_id']}' "
+                                      f"-> '{self.p['base_frame_id']}' (odom_frame_id, base_frame_id; an empty "
+                                      f"frame id is not checked)", throttle_duration_sec=5.0)
+            return
         try:
             pose = pose_to_xyyaw(msg.pose.pose)
         except PoseInputError as exc:
@@ -305,6 +321,7 @@ class LocalizationNode(Node):
                     f"odometry jumped {math.hypot(pose[0] - prev[0], pose[1] - prev[1]):.2f} m (> odom_jump_m "
                     f"{jump} m): treated as a reset, the next update runs without motion")
                 self.odom = OdometryBuffer(max_age_s=self.odom.max_age_s, tolerance_s=self.odom.tolerance_s)
+                self._odom_epoch += 1
                 self._odom_reset = True
             if not self.odom.add(stamp, pose):
                 self.counters["bad_odom"] += 1
@@ -341,7 +358,7 @@ class LocalizationNode(Node):
 
     def _init_pose(self, mean: Any, cov: np.ndarray) -> None:
         """Tracking from ``mean``; ValueError (belief unchanged) for a covariance the filter cannot sample from."""
-        with self._lock:
+        with self._filter_lock:
             try:
                 self.localizer.init_pose(np.asarray(mean, dtype=np.float64), cov)
             except torch.linalg.LinAlgError as exc:
@@ -349,8 +366,9 @@ class LocalizationNode(Node):
                 # [[100, 100, 0], [100, 100, 0], [0, 0, 0.1]]: the Cholesky factorization fails.
                 raise ValueError(f"covariance is not positive definite at the filter's float32 precision "
                                  f"(singular or nearly so): {exc}") from exc
-            self.last_stamp = None
-            self._pending_global = False
+            with self._lock:
+                self.last_stamp = None
+                self._pending_global = False
         self.get_logger().info(f"tracking from initial pose ({float(mean[0]):.2f}, {float(mean[1]):.2f}, "
                                f"{float(mean[2]):.2f}) with {self.localizer.config.tracking_particles} particles")
 
@@ -377,7 +395,7 @@ class LocalizationNode(Node):
                                         meters_per_unit=info.meters_per_unit, ids=self._map_ids.get(n))
             if vm.frame_id != self.p["global_frame_id"]:
                 raise MapError(f"map in frame '{vm.frame_id}', expected '{self.p['global_frame_id']}'")
-            with self._lock:
+            with self._filter_lock:
                 for w in self.localizer.set_map(vm):
                     self.get_logger().warning(w)
                 if len(vm) and (self._pending_global or (self.p["global_localization_on_map"]
@@ -391,14 +409,15 @@ class LocalizationNode(Node):
         self._publish_context_markers()
 
     def _init_global(self) -> None:
-        with self._lock:
+        with self._filter_lock:
             self.localizer.init_global()
-            self.last_stamp = None
-            self._pending_global = False
+            with self._lock:
+                self.last_stamp = None
+                self._pending_global = False
         self.get_logger().info(f"global localization with {self.localizer.config.max_particles} particles")
 
     def _on_global(self, _req: Empty.Request, resp: Empty.Response) -> Empty.Response:
-        with self._lock:
+        with self._filter_lock:
             if self.localizer.has_map:
                 self._init_global()
             else:
@@ -514,26 +533,34 @@ class LocalizationNode(Node):
                         self._resend_tf()
                         return
             self._force_update = False
-        self._run(stamp, rgb, delta)
+            epoch = self._odom_epoch
+        self._run(stamp, rgb, delta, epoch)
 
-    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None) -> None:
-        with self._lock:
+    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None, epoch: int) -> None:
+        """One filter step; ``_lock`` is free meanwhile, so odometry and frames keep arriving."""
+        with self._filter_lock:
             try:
                 est = self.localizer.step(rgb, delta)
             except (DmnError, ValueError, RuntimeError) as exc:
-                self.counters["step_errors"] += 1
-                self._step_failed = True
+                with self._lock:
+                    self.counters["step_errors"] += 1
+                    self._step_failed = True
                 self.get_logger().error(f"filter step failed: {exc}")
                 self.publish_diagnostics()
                 return
-            self._step_failed = False
-            self._last_odom = self.odom.pose_at(stamp)
-            self._odom_reset = False
-            self.last_stamp = stamp
-            self.last_estimate = est
-            self.counters["processed"] += 1
             particles, weights = self.localizer.particles_metric(), self.localizer.weights()
-        self._publish(stamp, est, particles, weights)
+            with self._lock:
+                self._step_failed = False
+                if epoch == self._odom_epoch:
+                    self._last_odom = self.odom.pose_at(stamp)
+                    self._odom_reset = False
+                    self.last_stamp = stamp
+                # else odometry jumped or time went back during the step: keep what that reset set (the next
+                # update runs without motion; after a time reset last_stamp stays None)
+                self.last_estimate = est
+                self.counters["processed"] += 1
+                odom_pose = self.odom.pose_at(stamp)
+        self._publish(stamp, est, particles, weights, odom_pose)
         self.publish_diagnostics(stamp)
         if est.recovery:
             self.get_logger().warning(f"recovery after step {self.counters['processed']}: {est.recovery} "
@@ -593,7 +620,8 @@ class LocalizationNode(Node):
         arr.status = [self.health_status()]
         self.diag_pub.publish(arr)
 
-    def _publish(self, stamp: float, est: Estimate, particles: np.ndarray, weights: np.ndarray) -> None:
+    def _publish(self, stamp: float, est: Estimate, particles: np.ndarray, weights: np.ndarray,
+                 odom_pose: np.ndarray | None) -> None:
         frame = self.p["global_frame_id"]
         stamp_msg = sec_to_stamp(stamp)
         self.pose_pub.publish(pose_with_cov_msg(est.mean, est.covariance, stamp=stamp_msg, frame_id=frame))
@@ -611,7 +639,7 @@ class LocalizationNode(Node):
         m.points = [Point(x=float(particles[i, 0]), y=float(particles[i, 1]), z=0.05) for i in top]
         m.colors = weight_colors(weights[top])
         self.marker_pub.publish(MarkerArray(markers=[m]))
-        self._broadcast_tf(stamp, est.mean)
+        self._broadcast_tf(stamp, est.mean, odom_pose)
 
     def _publish_context_markers(self) -> None:
         poses = self.localizer.context_poses()
@@ -628,11 +656,10 @@ class LocalizationNode(Node):
             markers.append(m)
         self.marker_pub.publish(MarkerArray(markers=markers))
 
-    def _broadcast_tf(self, stamp: float, map_to_base: np.ndarray) -> None:
-        if self.tf is None:
-            return
-        odom_pose = self.odom.pose_at(stamp)
-        if odom_pose is None:
+    def _broadcast_tf(self, stamp: float, map_to_base: np.ndarray, odom_pose: np.ndarray | None) -> None:
+        """map→odom from the estimate and ``odom_pose``, the odometry at ``stamp`` read under ``_lock``
+        (``_on_odom`` trims and replaces the buffer on another thread)."""
+        if self.tf is None or odom_pose is None:
             return
         mo = map_to_odom(map_to_base, odom_pose)
         t = TransformStamped()
