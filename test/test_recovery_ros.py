@@ -45,6 +45,12 @@ class KidnapForcedModel:
     def to(self, _device):
         return self
 
+    def parameters(self):  # where the weights are (dmn_ros.export.module_device)
+        return self.inner.parameters()
+
+    def buffers(self):
+        return self.inner.buffers()
+
     def embed_views(self, images):
         return self.inner.embed_views(images)
 
