@@ -144,12 +144,14 @@ class LoadedModel:
     path: str
 
 
-def module_device(module: torch.nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    """Where ``module``'s weights are (its first parameter or buffer); ``default`` for a module without any."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+def module_device(module: Any, default: torch.device | str = "cpu") -> torch.device:
+    """Where ``module``'s weights are (its first parameter or buffer); ``default`` for a module without any,
+    or for an object that only has the observation-model methods (a wrapper, not a ``torch.nn.Module``)."""
+    if isinstance(module, torch.nn.Module):
+        for t in module.parameters():
+            return t.device
+        for t in module.buffers():
+            return t.device
     return torch.device(default)
 
 
