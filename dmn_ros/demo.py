@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dmn_ros.data.dataset_format import SPLIT_SEED_OFFSETS
+from dmn_ros.files import atomic_save_figure
 
 TEST_SEED_OFFSET = SPLIT_SEED_OFFSETS["test"]
 """Worlds of the test split (never trained on)."""
@@ -83,7 +84,7 @@ def _plot(path: Path, world: Any, frames: list[dict[str, Any]], contexts: np.nda
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 

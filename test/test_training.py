@@ -317,3 +317,12 @@ def test_truth_rank_selects_the_best_checkpoint(tiny_dataset: Path, tmp_path: Pa
     assert load_checkpoint(out / CHECKPOINT_LAST)["best_val"] <= best["best_val"]
     with pytest.raises(ValueError, match="val_metric"):
         load_config(None, ["val_metric=accuracy"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_training_on_cuda_without_cuda_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A run that asked for a GPU must not silently crawl on the CPU for hours."""
+    cfg = load_config(None, [f"data={tiny_dataset}", f"out={tmp_path / 'cuda'}", "device=cuda", "max_steps=1",
+                             *SMALL])
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(cfg, progress=False)

@@ -29,7 +29,7 @@ from torch import nn
 
 from dmn_ros.data import DatasetDir
 from dmn_ros.data.torch_dataset import EpisodeDataset
-from dmn_ros.export import atomic_write_bytes, export_model, training_data_summary
+from dmn_ros.export import atomic_write_bytes, export_model, resolve_device, training_data_summary
 from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, init_uniform, run_episode
 from dmn_ros.geometry import MetricScale, wrap_angle
 from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
@@ -43,12 +43,6 @@ CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 RANK_NC = 16
 """Contexts per episode for ``val_metric=truth_rank`` (the paper's evaluation Nc)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class _PoseLoss(nn.Module):
@@ -300,7 +294,7 @@ def init_distributed(device_name: str) -> DistInfo:
         return DistInfo()
     import torch.distributed as dist
 
-    use_cuda = resolve_device(device_name).type == "cuda"
+    use_cuda = resolve_device(device_name, fallback=False).type == "cuda"
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if use_cuda:
@@ -334,7 +328,7 @@ def evaluate_loss(crit: nn.Module, batches: list[dict[str, Any]], device: torch.
 def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the exported best model."""
     dist_info = init_distributed(cfg.device)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, fallback=False)  # a training run asked for CUDA must not crawl on CPU
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.local_rank)
     out = Path(cfg.out)

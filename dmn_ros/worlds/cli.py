@@ -25,6 +25,7 @@ import numpy as np
 
 from dmn_ros.data.dataset_format import SPLITS, DatasetDir, DatasetMeta, env_name, env_seed
 from dmn_ros.data.episodes import generate_env_views, sample_episode_from_views
+from dmn_ros.files import atomic_save_figure
 from dmn_ros.worlds import DOMAINS, make_world
 from dmn_ros.worlds.renderer import CAMERA_NAME
 
@@ -109,7 +110,7 @@ def _gallery_one(domain: str, out: Path, *, seed: int, image_size: int) -> list[
         ax.set_yticks([])
     fig.suptitle(f"{domain} seed {seed}: {image_size}x{image_size} first-person views")
     views_png = out / f"{domain}_views.png"
-    fig.savefig(views_png, dpi=110, bbox_inches="tight")
+    atomic_save_figure(fig, views_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
@@ -130,7 +131,7 @@ def _gallery_one(domain: str, out: Path, *, seed: int, image_size: int) -> list[
     ax.set_title(f"{domain} seed {seed}: stored trajectories (grey), episode")
     ax.legend(loc="upper right", fontsize=8)
     map_png = out / f"{domain}_map.png"
-    fig.savefig(map_png, dpi=110, bbox_inches="tight")
+    atomic_save_figure(fig, map_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [views_png, map_png]
 
