@@ -408,11 +408,13 @@ def test_odometry_buffer_is_read_under_the_lock_for_map_to_odom(node: Localizati
     assert t.transform.rotation.w == pytest.approx(float(yaw_to_quaternion(np.float64(mean[2]))[3]), abs=1e-6)
 
 
-def test_odometry_in_other_frames_is_a_counted_drop(node: LocalizationNode) -> None:
+def test_odometry_in_another_frame_is_a_counted_drop(node: LocalizationNode) -> None:
+    """Another odom frame is dropped (map->odom would be wrong); another child frame is counted but used."""
     f = Feed(node)
     f.odom(0.0, 0.0, frame="odom", child="base_link")
     f.odom(0.1, 0.0, frame="/odom", child="")  # a leading slash and an empty child id pass
     f.odom(0.2, 0.0, frame="map", child="base_link")
-    f.odom(0.3, 0.0, frame="odom", child="camera")
-    assert node.counters["bad_odom_frame"] == 2 and len(node.odom) == 2
+    f.odom(0.3, 0.0, frame="odom", child="base_footprint")
+    assert node.counters["bad_odom_frame"] == 1 and len(node.odom) == 3
+    assert node.counters["odom_child_frame_mismatch"] == 1
     assert node.set_parameters([Parameter("base_frame_id", value="camera")])[0].successful is False

@@ -110,7 +110,7 @@ class LocalizationNode(Node):
             "frames": 0, "processed": 0, "dropped_newer_frame": 0, "dropped_not_ready": 0, "bad_images": 0,
             "out_of_order": 0, "no_odom": 0, "skipped_small_motion": 0, "bad_odom": 0, "bad_initialpose": 0,
             "bad_maps": 0, "step_errors": 0, "future_stamp": 0, "odom_jumps": 0, "time_resets": 0,
-            "dropped_time_reset": 0, "bad_map_info": 0, "bad_odom_frame": 0,
+            "dropped_time_reset": 0, "bad_map_info": 0, "bad_odom_frame": 0, "odom_child_frame_mismatch": 0,
         }
         self._step_failed = False
         """Inputs used and dropped, by reason."""
@@ -294,12 +294,18 @@ class LocalizationNode(Node):
 
     def _on_odom(self, msg: Odometry) -> None:
         frame, child = msg.header.frame_id.lstrip("/"), msg.child_frame_id.lstrip("/")
-        if (frame and frame != self.p["odom_frame_id"]) or (child and child != self.p["base_frame_id"]):
+        if frame and frame != self.p["odom_frame_id"]:  # map->odom would be published for a frame it is not in
             self.counters["bad_odom_frame"] += 1
-            self.get_logger().warning(f"odometry '{frame}' -> '{child}' dropped: expected '{self.p['odom_frame_id']}' "
-                                      f"-> '{self.p['base_frame_id']}' (odom_frame_id, base_frame_id; an empty "
-                                      f"frame id is not checked)", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"odometry in frame '{frame}' dropped: expected odom_frame_id "
+                                      f"'{self.p['odom_frame_id']}' (an empty frame id is not checked)",
+                                      throttle_duration_sec=5.0)
             return
+        if child and child != self.p["base_frame_id"]:
+            # Still used: the filter needs only planar motion, which base_link and base_footprint share.
+            self.counters["odom_child_frame_mismatch"] += 1
+            self.get_logger().warning(f"odometry child frame '{child}' is not base_frame_id "
+                                      f"'{self.p['base_frame_id']}'; its motion is used as the base's",
+                                      throttle_duration_sec=30.0)
         try:
             pose = pose_to_xyyaw(msg.pose.pose)
         except PoseInputError as exc:
