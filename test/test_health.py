@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_wrappers import DelegatingModel
 
 from dmn_ros.evaluation.health_metrics import (
     CHI2_2DOF_95,
@@ -177,7 +178,7 @@ def test_time_to_converge_and_recover_by_hand():
 
 
 # ---- Localizer: health in Estimate, recovery, inflation ------------------------------------------
-class OffsetModel:
+class OffsetModel(DelegatingModel):
     """Delegates to a DMN; the log-likelihood is ``scale · DMN + offset``.
 
     An offset leaves the posterior unchanged (it cancels in the normalization) and moves only the
@@ -186,22 +187,10 @@ class OffsetModel:
     """
 
     def __init__(self, inner):
-        self.inner = inner
+        super().__init__(inner)
         self.offset = 0.0
         self.scale = 0.0
         """0: the likelihood is the constant ``offset`` (marginal exactly known); 1: the DMN's plus offset."""
-
-    def to(self, _device):
-        return self
-
-    def embed_views(self, images):
-        return self.inner.embed_views(images)
-
-    def prepare_map(self, emb):
-        return self.inner.prepare_map(emb)
-
-    def prepare_query(self, q):
-        return self.inner.prepare_query(q)
 
     def log_likelihood_prepared(self, a, g, poses, q, hq, particles, nearest=0):
         return self.inner.log_likelihood_prepared(a, g, poses, q, hq, particles, nearest) * self.scale + self.offset

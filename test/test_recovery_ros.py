@@ -19,6 +19,7 @@ import torch
 rclpy = pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from model_wrappers import DelegatingModel  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from ros_helpers import NodeStack, init_context, initialpose_msg  # noqa: E402
 
@@ -36,29 +37,12 @@ KIDNAP_AT = 8
 """The sim teleports the robot at its 8th frame."""
 
 
-class KidnapForcedModel:
+class KidnapForcedModel(DelegatingModel):
     """Log-likelihood = constant, 30 nats lower once the sim has kidnapped the robot (see module doc)."""
 
     def __init__(self, inner, sim_ref):
-        self.inner, self.sim_ref = inner, sim_ref
-
-    def to(self, _device):
-        return self
-
-    def parameters(self):  # where the weights are (dmn_ros.export.module_device)
-        return self.inner.parameters()
-
-    def buffers(self):
-        return self.inner.buffers()
-
-    def embed_views(self, images):
-        return self.inner.embed_views(images)
-
-    def prepare_map(self, emb):
-        return self.inner.prepare_map(emb)
-
-    def prepare_query(self, q):
-        return self.inner.prepare_query(q)
+        super().__init__(inner)
+        self.sim_ref = sim_ref
 
     def log_likelihood_prepared(self, a, g, poses, q, hq, particles, nearest=0):
         sim = self.sim_ref[0]

@@ -16,6 +16,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
+from model_wrappers import DelegatingModel  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from ros_helpers import init_context  # noqa: E402
@@ -308,31 +309,14 @@ def test_autosave_stays_off_for_a_refused_map_file(untrained, ctx, tmp_path) -> 
 
 
 # ---- threads and locks ------------------------------------------------------------------------
-class GatedModel:
+class GatedModel(DelegatingModel):
     """The untrained model whose likelihood waits for ``gate``: holds a filter step in progress."""
 
     def __init__(self, inner) -> None:
         import threading
 
-        self.inner, self.entered, self.gate = inner, threading.Event(), threading.Event()
-
-    def to(self, _device):
-        return self
-
-    def parameters(self):
-        return self.inner.parameters()
-
-    def buffers(self):
-        return self.inner.buffers()
-
-    def embed_views(self, images):
-        return self.inner.embed_views(images)
-
-    def prepare_map(self, emb):
-        return self.inner.prepare_map(emb)
-
-    def prepare_query(self, q):
-        return self.inner.prepare_query(q)
+        super().__init__(inner)
+        self.entered, self.gate = threading.Event(), threading.Event()
 
     def log_likelihood_prepared(self, *args, **kwargs):
         self.entered.set()
