@@ -326,3 +326,28 @@ def test_training_on_cuda_without_cuda_is_a_clear_error(tiny_dataset: Path, tmp_
                              *SMALL])
     with pytest.raises(ValueError, match="CUDA is not available"):
         train(cfg, progress=False)
+
+
+def test_resume_uses_the_checkpoints_model_and_scale_not_init(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A resumed run rebuilds what its checkpoint recorded (kind, architecture, metric scale); init is not read."""
+    base = tmp_path / "base"
+    train(load_config(None, [f"data={tiny_dataset}", f"out={base}", "max_steps=1", *SMALL,
+                             "model.kind=latent_vector"]), progress=False)
+    init = tmp_path / "init.pt"
+    (base / "model.pt").rename(init)
+    out = tmp_path / "ft"
+    cfg = load_config(None, [f"data={tiny_dataset}", f"out={out}", f"init={init}", "max_steps=1", *SMALL])
+    train(cfg, progress=False)
+    init.unlink()  # e.g. a fine-tune from a file that has since moved
+    state = load_checkpoint(out / CHECKPOINT_LAST)
+    assert state["model_config"]["kind"] == "latent_vector" and state["step"] == 1
+    from dmn_ros.training.trainer import save_checkpoint
+
+    save_checkpoint(out / CHECKPOINT_LAST, {**state, "meters_per_unit": 10.0})  # the run's scale, not the data's 20
+    train(cfg.__class__(**{**cfg.__dict__, "max_steps": 2}), progress=False)
+    assert load_checkpoint(out / CHECKPOINT_LAST)["step"] == 2
+    info = load_model(out / "model.pt").info
+    assert info.config["kind"] == "latent_vector" and info.meters_per_unit == 10.0
+    with pytest.raises(ValueError, match="overrides change the architecture"):  # contradicts the recorded kind
+        train(cfg.__class__(**{**cfg.__dict__, "max_steps": 3, "model": {"kind": "dmn"}}), progress=False)
+

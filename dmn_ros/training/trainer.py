@@ -231,6 +231,31 @@ def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     return model
 
 
+def checked_architecture(config: dict[str, Any], source: str, *, image_size: tuple[int, int],
+                         overrides: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments (and kind) of a recorded model config, checked against the dataset and overrides.
+
+    ``source`` names where the config came from (``init=PATH``, ``checkpoint PATH``) in the messages. Raises
+    ``ValueError`` when the dataset's image size or the ``model.*`` overrides do not match the architecture.
+    """
+    # Only constructor arguments: e.g. a covariance calibration fitted for the init weights is stale after fine-tuning.
+    kind = model_kind(config)
+    arch = constructor_args(kind) | {"kind"}
+    dropped = sorted(set(config) - arch)
+    if dropped:
+        log.info("%s: not carried over to the trained model: %s", source, dropped)
+    config = {k: v for k, v in config.items() if k in arch}
+    size = (int(config.get("image_height", 0)), int(config.get("image_width", 0)))
+    if size != tuple(image_size):
+        raise ValueError(f"{source}: model images are {size[0]}x{size[1]} but the dataset's are "
+                         f"{image_size[0]}x{image_size[1]}; convert with --image-size {size[0]}x{size[1]}")
+    config["kind"] = kind
+    clash = {k: (v, config.get(k)) for k, v in overrides.items() if config.get(k) != v}
+    if clash:
+        raise ValueError(f"{source}: model.* overrides change the architecture {clash} (given, recorded)")
+    return config
+
+
 def load_init_model(path: str | Path, *, image_size: tuple[int, int],
                     overrides: dict[str, Any]) -> tuple[nn.Module, float, float]:
     """A model (of the init's kind) with the weights of an exported model or a checkpoint.
@@ -254,21 +279,7 @@ def load_init_model(path: str | Path, *, image_size: tuple[int, int],
             mpu, area, fingerprint = float(ckpt["meters_per_unit"]), float(ckpt["area_size_m"]), None
         except Exception as exc2:
             raise ValueError(f"init={path}: neither an exported model ({exc}) nor a checkpoint ({exc2})") from exc2
-    # Only constructor arguments: e.g. a covariance calibration fitted for the init weights is stale after fine-tuning.
-    kind = model_kind(config)
-    arch = constructor_args(kind) | {"kind"}
-    dropped = sorted(set(config) - arch)
-    if dropped:
-        log.info("init=%s: not carried over to the fine-tuned model: %s", path, dropped)
-    config = {k: v for k, v in config.items() if k in arch}
-    size = (int(config.get("image_height", 0)), int(config.get("image_width", 0)))
-    if size != tuple(image_size):
-        raise ValueError(f"init={path}: model images are {size[0]}x{size[1]} but the dataset's are "
-                         f"{image_size[0]}x{image_size[1]}; convert with --image-size {size[0]}x{size[1]}")
-    config["kind"] = kind
-    clash = {k: (v, config.get(k)) for k, v in overrides.items() if config.get(k) != v}
-    if clash:
-        raise ValueError(f"init={path}: model.* overrides change the architecture {clash} (given, init)")
+    config = checked_architecture(config, f"init={path}", image_size=image_size, overrides=overrides)
     model = build_model(config)
     model.load_state_dict(state)
     if fingerprint is not None and weights_fingerprint(model) != fingerprint:
@@ -332,13 +343,25 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.local_rank)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = DatasetDir(cfg.data).meta
+    out.mkdir(parents=True, exist_ok=True)
     scale = MetricScale(meta.meters_per_unit)
     area = float(meta.bounds[1] - meta.bounds[0])
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
 
-    if cfg.init:  # fine-tuning: the init model's architecture and metric scale win over the data's
+    last_path = out / CHECKPOINT_LAST
+    state = load_checkpoint(last_path, device) if resume and last_path.is_file() else None
+    if state is not None:  # the run's own model and metric scale, as recorded; init was used when the run began
+        model = build_model(checked_architecture(dict(state["model_config"]), f"checkpoint {last_path}",
+                                                 image_size=tuple(meta.image_size), overrides=cfg.model))
+        model.load_state_dict(state["model"])
+        if float(state["meters_per_unit"]) != scale.meters_per_unit:
+            log.warning("dataset meters_per_unit %.3g differs from the run's %.3g: normalizing with the run's",
+                        scale.meters_per_unit, float(state["meters_per_unit"]))
+        scale = MetricScale(float(state["meters_per_unit"]))
+        area = max(area, float(state["area_size_m"]))
+        model = model.to(device)
+    elif cfg.init:  # fine-tuning: the init model's architecture and metric scale win over the data's
         model, init_mpu, init_area = load_init_model(cfg.init, image_size=tuple(meta.image_size), overrides=cfg.model)
         if init_mpu != scale.meters_per_unit:
             log.warning("dataset meters_per_unit %.3g differs from the init model's %.3g: normalizing with the "
@@ -356,14 +379,12 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best_val, bad_evals = 0, math.inf, 0
-    last_path = out / CHECKPOINT_LAST
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path, device)
-        model.load_state_dict(state["model"])
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, best_val, bad_evals = int(state["step"]), float(state["best_val"]), int(state["bad_evals"])
         if dist_info.is_main:
             log.info("resumed from %s at step %d (best val %.4f)", last_path, step, best_val)
+        del state
 
     crit = make_loss(model, cfg, scale, scale.bounds_to_normalized(meta.bounds))
     if cfg.val_metric == "truth_rank" and model_config(model)["kind"] not in PARTICLE_FILTER_KINDS:
