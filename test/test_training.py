@@ -351,3 +351,18 @@ def test_resume_uses_the_checkpoints_model_and_scale_not_init(tiny_dataset: Path
     with pytest.raises(ValueError, match="overrides change the architecture"):  # contradicts the recorded kind
         train(cfg.__class__(**{**cfg.__dict__, "max_steps": 3, "model": {"kind": "dmn"}}), progress=False)
 
+
+def test_fresh_run_never_exports_an_earlier_runs_checkpoint(tiny_dataset: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data={tiny_dataset}", f"out={out}", "max_steps=2", *SMALL])
+    train(cfg, progress=False)
+    assert (out / CHECKPOINT_BEST).is_file()
+    # --no-resume, and no validation in this run: nothing of the earlier run may be exported.
+    caplog.set_level("WARNING")
+    train(cfg.__class__(**{**cfg.__dict__, "max_steps": 1, "val_every": 100, "seed": 1}), resume=False,
+          progress=False)
+    assert not (out / CHECKPOINT_BEST).is_file() and "earlier run" in caplog.text
+    last = load_checkpoint(out / CHECKPOINT_LAST)
+    assert last["step"] == 1
+    assert load_model(out / "model.pt").info.fingerprint == weights_fingerprint(model_from_checkpoint(last))
