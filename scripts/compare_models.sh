@@ -2,12 +2,15 @@
 # Equal-budget comparison: DMN, the paper's baselines and the ablations, each trained from scratch
 # with config/train_compare.yaml for MINUTES minutes on one CPU thread, then one dmn-eval table
 # (same episodes for every row) against the shipped model.
-#   [QUERIES=segment] scripts/compare_models.sh [MINUTES] [DATA] [RUNS_DIR] [EVAL_OUT]  (default: random_order, the paper's queries)
+#   [QUERIES=segment] [DATA=...] [RUNS=...] [EVAL_OUT=...] scripts/compare_models.sh [MINUTES] [DATA] [RUNS] [EVAL_OUT]
+# QUERIES defaults to random_order (the paper's queries). DATA, RUNS and EVAL_OUT come from the arguments, else
+# the environment, else data/maze32 (dmn-world generate), runs/compare and out/eval_compare, relative to
+# the directory it is run from (the repository root).
 set -euo pipefail
 MINUTES=${1:-10}
-DATA=${2:-/work/cache/maze32}
-RUNS=${3:-/work/cache/runs/compare}
-OUT=${4:-out/eval_compare}
+DATA=${2:-${DATA:-data/maze32}}
+RUNS=${3:-${RUNS:-runs/compare}}
+OUT=${4:-${EVAL_OUT:-out/eval_compare}}
 BIN=${BIN:-.venv/bin}
 export OMP_NUM_THREADS=1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -366,3 +367,32 @@ def test_fresh_run_never_exports_an_earlier_runs_checkpoint(tiny_dataset: Path, 
     last = load_checkpoint(out / CHECKPOINT_LAST)
     assert last["step"] == 1
     assert load_model(out / "model.pt").info.fingerprint == weights_fingerprint(model_from_checkpoint(last))
+
+
+def test_no_machine_specific_paths_data_is_required(tmp_path: Path) -> None:
+    """dmn-train without data= is a clear error, never the authors' dataset; user-facing commands pass their paths."""
+    from dmn_ros.training.config import TrainConfig
+
+    assert TrainConfig().data == "" and not TrainConfig().out.startswith("/")
+    cfg = load_config(None, [f"out={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="data= is required"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    from dmn_ros.evaluation.cli import main as eval_main
+
+    with pytest.raises(SystemExit) as exc:  # --data has no default either
+        eval_main(["--model", str(tmp_path / "m.pt")])
+    assert exc.value.code == 2
+    root = Path(__file__).resolve().parent.parent
+    docs = [root / "README.md", *(p for p in sorted((root / "docs").glob("*.md")) if p.name != "RESULTS.md")]
+    for doc in docs:  # docs/RESULTS.md keeps the authors' exact commands as the record of what was run
+        text = doc.read_text().replace("\\\n", " ")  # code blocks' continued lines, and inline code across lines
+        commands = [*(ln for ln in text.splitlines() if ln.count("`") % 2 == 0),
+                    *(span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text,
+                                                                                         flags=re.S)))]
+        for command in commands:
+            if "--config config/train_" in command:
+                assert "data=" in command and "out=" in command, f"{doc.name}: {command.strip()}"
+    assert "/work/" not in (root / "README.md").read_text()
+    script = (root / "scripts" / "compare_models.sh").read_text()
+    assert "/work/" not in script and "${DATA:-data/maze32}" in script

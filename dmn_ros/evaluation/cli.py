@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="append", default=[], metavar="LABEL=MODEL[,MODEL...]",
                    help="another method in the same table, on the same episodes (several models = its seeds); "
                         "repeatable: the baselines and ablations against --model")
-    p.add_argument("--data", default="/work/cache/maze32")
+    p.add_argument("--data", required=True, help="dataset directory (dmn-world generate, dmn-dataset)")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--episodes", type=int, default=100)

@@ -31,8 +31,8 @@ VAL_METRICS = ("loss", "truth_rank")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = "/work/cache/maze32"
-    """Dataset directory (``dmn_ros.data`` format)."""
+    data: str = ""
+    """Dataset directory (``dmn_ros.data`` format); required for training (``data=...``)."""
     out: str = "runs/dmn"
     """Checkpoints, TensorBoard logs and the exported model go here."""
     model: dict[str, Any] = field(default_factory=dict)

@@ -338,6 +338,10 @@ def evaluate_loss(crit: nn.Module, batches: list[dict[str, Any]], device: torch.
 
 def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the exported best model."""
+    if not cfg.data:
+        raise ValueError("data= is required: the dataset directory to train on (dmn-world generate, dmn-dataset)")
+    if not cfg.out:
+        raise ValueError("out= is required: the directory for checkpoints, logs and the exported model")
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, fallback=False)  # a training run asked for CUDA must not crawl on CPU
     if device.type == "cuda" and dist_info.world_size > 1:

@@ -4,7 +4,7 @@ Examples::
 
     dmn-world gallery --out docs/gallery
     dmn-world generate --domain maze --split train --num-envs 400 --views-per-env 300 \\
-        --image-size 32 --out /work/cache/maze32 --workers 2
+        --image-size 32 --out data/maze32 --workers 2
     dmn-world throughput --domain maze --episodes 64
 """
 
