@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--model files are seeds of one method; got kinds {sorted(kinds)}")
     label = METHOD_LABELS[kinds.pop()]
     compared = [_compare_arg(c, args.device) for c in args.compare]
+    base = load_model(args.baseline_model, device=args.device) if args.baseline_model else None  # before the runs
     max_nc = max([args.nc, *args.nc_sweep])
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
                            T=max(args.T, 5), seed=args.seed, query_mode=args.queries)
@@ -359,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_save_figure(fig, out / f"success_vs_{name}.png", dpi=120)
         plt.close(fig)
 
-    if args.baseline_model:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes
-        base = load_model(args.baseline_model, device=args.device)
+    if base is not None:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes
         b_glob = _run(base, eps, g_set, args.device)
         b_trk = _run(base, eps, t_set, args.device)
         b_succ, b_rmse = success_rate(b_glob, thr), rmse(b_trk)

@@ -39,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     if args.calibrate and state["model_config"].get("kind", "dmn") == "regression":
         p.error("--calibrate fits particle-filter temperatures; the regression baseline has no particles")
+    results = None  # read before the minutes of --calibrate, so a wrong file fails at once
+    if args.results:
+        with open(args.results) as f:
+            ev = json.load(f)
+        if not isinstance(ev, dict):
+            raise ValueError(f"--results {args.results}: not a dmn-eval results.json (a JSON object)")
+        if weights_fingerprint(model) not in ev.get("fingerprints", []):
+            p.error(f"{args.results} was measured on models {ev.get('fingerprints')}, not on these weights "
+                    f"({weights_fingerprint(model)})")
+        try:
+            results = results_from_eval(ev)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise ValueError(f"--results {args.results}: not a dmn-eval results.json ({exc!r})") from exc
     for source in args.calibration_from:
         calibration = {**(calibration or {}), **_calibration_of(source, weights_fingerprint(model))}
     if args.calibrate:  # on top of a copied calibration: re-fit one frame stream, keep the other
@@ -51,14 +64,6 @@ def main(argv: list[str] | None = None) -> int:
             calibration.update({k + suffix: v for k, v in fitted.items()})
             print(f"calibration fitted on {args.calibrate} (val, {mode} queries, Nc {args.calibrate_nc}): "
                   + ", ".join(f"{k}{suffix} {v:.4g}" for k, v in fitted.items()))
-    results = None
-    if args.results:
-        with open(args.results) as f:
-            ev = json.load(f)
-        if weights_fingerprint(model) not in ev.get("fingerprints", []):
-            p.error(f"{args.results} was measured on models {ev.get('fingerprints')}, not on these weights "
-                    f"({weights_fingerprint(model)})")
-        results = results_from_eval(ev)
     info = export_model(model, args.out, meters_per_unit=float(state["meters_per_unit"]),
                         area_size_m=float(state["area_size_m"]), description=desc, calibration=calibration,
                         results=results, training=_training_data(state))
