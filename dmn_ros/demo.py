@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dmn_ros.data.dataset_format import SPLIT_SEED_OFFSETS
+from dmn_ros.errors import console_main
 from dmn_ros.files import atomic_save_figure
 
 TEST_SEED_OFFSET = SPLIT_SEED_OFFSETS["test"]
@@ -29,7 +30,12 @@ TEST_SEED_OFFSET = SPLIT_SEED_OFFSETS["test"]
 def _yaml_overrides(path: Path, node: str) -> dict[str, Any]:
     import yaml
 
-    doc = yaml.safe_load(path.read_text()) or {}
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"params file {path}: not valid YAML ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"params file {path}: expected ROS 2 parameters (node: ros__parameters: ...)")
 
     def flat(d: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -88,6 +94,7 @@ def _plot(path: Path, world: Any, frames: list[dict[str, Any]], contexts: np.nda
     plt.close(fig)
 
 
+@console_main("dmn-demo")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=4, help="global-localization episodes (unseen worlds)")
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               "or pass --model PATH / set DMN_ROS_MODEL.", file=sys.stderr)
         return 2
     params_file = Path(args.params_file) if args.params_file else default_params_file()
+    loc_yaml = _yaml_overrides(params_file, "localization_node")  # a missing or broken file fails before any node
     if "ROS_DOMAIN_ID" not in os.environ:
         os.environ["ROS_DOMAIN_ID"] = str(150 + os.getpid() % 80)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -137,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         return [Parameter(k, value=v) for k, v in values.items()]
 
     try:
-        loc_yaml = _yaml_overrides(params_file, "localization_node")
         model = load_model(model_path, device=resolve_device(str(loc_yaml.get("device", "auto"))))
     except ModelLoadError as exc:
         print(f"dmn-demo: {exc}", file=sys.stderr)

@@ -475,7 +475,7 @@ def test_map_and_model_errors_do_not_abort_the_run(bags, model, tmp_path, capsys
     rc = eval_main([str(d / "a"), "--model", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "o2"),
                     "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith("dmn-bag-eval: error: ") and "junk.pt" in err and "Traceback" not in err
+    assert rc == 2 and err.startswith("dmn-bag-eval: error: ") and "junk.pt" in err and "Traceback" not in err
 
 
 def test_outputs_are_replaced_atomically(tmp_path):

@@ -36,7 +36,7 @@ from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.reader import BagData, PoseStream, find_bags, load_bag
 from dmn_ros.bags.record import KIDNAP_STAMP_KEY
 from dmn_ros.bags.topics import TopicNames
-from dmn_ros.errors import DmnError
+from dmn_ros.errors import DmnError, console_main
 from dmn_ros.evaluation.health_metrics import (
     COVERAGE_FROM_INDEX,
     ellipse_coverage,
@@ -672,6 +672,14 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def success_steps(text: str) -> tuple[int, ...]:
+    """``--success-steps``: comma-separated 1-based steps (argparse reports a ``ValueError`` with the usage)."""
+    steps = tuple(int(s) for s in text.split(",") if s.strip())
+    if not steps or min(steps) < 1:
+        raise ValueError(text)
+    return steps
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dmn-bag-eval", description=__doc__.splitlines()[0])
     ap.add_argument("bags", nargs="*", help="bag directories, .mcap/.db3 files, or directories of bags")
@@ -685,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="filter seed (the node's random_seed)")
     ap.add_argument("--update-min-d", type=float, default=NODE_UPDATE_MIN_D)
     ap.add_argument("--update-min-a", type=float, default=NODE_UPDATE_MIN_A)
-    ap.add_argument("--success-steps", default="1,5", help="comma-separated steps for success rates")
+    ap.add_argument("--success-steps", type=success_steps, default=(1, 5),
+                    help="comma-separated steps (1-based) for success rates")
     ap.add_argument("--area-size", type=float, default=None, help="area side (m) for the success threshold")
     ap.add_argument("--max-frames", type=int, default=None)
     ap.add_argument("--estimate-topic", default=None,
@@ -720,7 +729,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         topics=topics, map_source=MapSource(args.map_source), map_file=args.map_file,
         context_every_m=args.context_every, model_path=args.model, mode=Mode(args.mode), particles=args.particles,
         seed=args.seed, update_min_d=args.update_min_d, update_min_a=args.update_min_a,
-        success_steps=tuple(int(s) for s in args.success_steps.split(",") if s.strip()),
+        success_steps=tuple(args.success_steps),
         area_size_m=args.area_size, estimate_topic=args.estimate_topic, max_frames=args.max_frames,
         device=args.device, plots=not args.no_plots, progress=not args.no_progress,
         lost_updates_before_global=args.lost_updates_before_global, recovery_alpha_slow=args.recovery_alpha_slow,
@@ -728,23 +737,20 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     )
 
 
+@console_main("dmn-bag-eval")  # run-level errors, e.g. --model unreadable (each bag's own failure is in the summary)
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     opts = options_from_args(args)
     if not args.live and not args.bags:
         ap.error("give at least one bag (or --live)")
-    try:
-        if args.live:
-            from dmn_ros.bags.live import run_live
+    if args.live:
+        from dmn_ros.bags.live import run_live
 
-            summary = run_live(bag=args.bags[0] if args.bags else None, opts=replace(opts, plots=not args.no_plots),
-                               out_dir=args.out, idle_timeout_s=args.idle_timeout, duration_s=args.duration)
-        else:
-            summary = evaluate_paths(args.bags, opts, out_dir=args.out)
-    except DmnError as exc:  # run-level: e.g. --model unreadable (each bag's own failure is in the summary)
-        print(f"dmn-bag-eval: error: {exc}", file=sys.stderr)
-        return 1
+        summary = run_live(bag=args.bags[0] if args.bags else None, opts=replace(opts, plots=not args.no_plots),
+                           out_dir=args.out, idle_timeout_s=args.idle_timeout, duration_s=args.duration)
+    else:
+        summary = evaluate_paths(args.bags, opts, out_dir=args.out)
     print(format_table(summary))
     print(f"results in {args.out}/")
     return 1 if any("error" in r for r in summary["bags"]) else 0

@@ -25,6 +25,7 @@ import yaml
 from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.reader import RawMessage, iter_raw_messages
 from dmn_ros.bags.topics import TopicNames
+from dmn_ros.errors import console_main
 
 __all__ = ["BagPlayer", "main", "qos_from_metadata"]
 
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@console_main("dmn-bag-play")
 def main(argv: list[str] | None = None) -> int:
     import rclpy
 
@@ -259,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
-    except BagError as exc:
-        print(f"dmn-bag-play: {exc}")
-        return 1
     finally:
         if player is not None:
             player.close()

@@ -27,6 +27,7 @@ import numpy as np
 from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.topics import TopicNames
 from dmn_ros.data.dataset_format import SPLIT_SEED_OFFSETS
+from dmn_ros.errors import console_main
 from dmn_ros.geometry import compose, relative, wrap_angle, yaw_to_quaternion
 from dmn_ros.images import encode_raw
 
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@console_main("dmn-bag-record")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)

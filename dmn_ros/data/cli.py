@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from dmn_ros.data.dataset_format import SPLITS, DatasetDir, DatasetFormatError, EnvViews
+from dmn_ros.data.dataset_format import SPLITS, DatasetDir, EnvViews
 from dmn_ros.data.from_bag import (
     ConversionReport,
     ConvertOptions,
@@ -25,7 +25,7 @@ from dmn_ros.data.from_bag import (
     check_bag_path,
     write_dataset,
 )
-from dmn_ros.errors import DmnError
+from dmn_ros.errors import console_main
 from dmn_ros.files import atomic_open
 
 
@@ -120,42 +120,39 @@ def _write(args: argparse.Namespace, envs: list[tuple[EnvViews, ConversionReport
     return 0
 
 
+@console_main("dmn-dataset")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.cmd == "check":
-            ds = DatasetDir(args.dir)
-            counts = ds.check()
-            for s in SPLITS:
-                for n in ds.meta.splits.get(s, []):
-                    print(f"{s:5s} {n}: {counts[n]} views")
-            print(f"{args.dir}: OK ({len(counts)} environments, image size {tuple(ds.meta.image_size)})")
-            return 0
-        opts = ConvertOptions(image_size=args.image_size, pose_tolerance_s=args.tolerance,
-                              min_distance_m=args.min_distance, min_angle_deg=args.min_angle,
-                              max_gap_s=args.max_gap, max_tilt_deg=args.max_tilt)
-        envs: list[tuple[EnvViews, ConversionReport]] = []
-        if args.cmd == "from-bag":
-            ranges = [TimeRange.parse(r) for r in args.ranges]
-            bags = [b for path in args.bags for b in check_bag_path(path)]
-            if args.env and len(bags) > 1:
-                raise ValueError("--env names one environment; it needs exactly one bag")
-            for bag in bags:
-                envs += bag_to_views(bag, camera_topic=args.camera_topic, pose_topic=args.pose_topic,
-                                     tf_frames=tuple(args.tf_frames) if args.tf_frames else None, ranges=ranges,
-                                     env_name=args.env, prefix_ranges=len(bags) > 1, opts=opts)
-            return _write(args, envs, camera=args.camera_topic or "camera")
-        from dmn_ros.data.from_folder import folder_to_views
+    if args.cmd == "check":
+        ds = DatasetDir(args.dir)
+        counts = ds.check()
+        for s in SPLITS:
+            for n in ds.meta.splits.get(s, []):
+                print(f"{s:5s} {n}: {counts[n]} views")
+        print(f"{args.dir}: OK ({len(counts)} environments, image size {tuple(ds.meta.image_size)})")
+        return 0
+    opts = ConvertOptions(image_size=args.image_size, pose_tolerance_s=args.tolerance,
+                          min_distance_m=args.min_distance, min_angle_deg=args.min_angle,
+                          max_gap_s=args.max_gap, max_tilt_deg=args.max_tilt)
+    envs: list[tuple[EnvViews, ConversionReport]] = []
+    if args.cmd == "from-bag":
+        ranges = [TimeRange.parse(r) for r in args.ranges]
+        bags = [b for path in args.bags for b in check_bag_path(path)]
+        if args.env and len(bags) > 1:
+            raise ValueError("--env names one environment; it needs exactly one bag")
+        for bag in bags:
+            envs += bag_to_views(bag, camera_topic=args.camera_topic, pose_topic=args.pose_topic,
+                                 tf_frames=tuple(args.tf_frames) if args.tf_frames else None, ranges=ranges,
+                                 env_name=args.env, prefix_ranges=len(bags) > 1, opts=opts)
+        return _write(args, envs, camera=args.camera_topic or "camera")
+    from dmn_ros.data.from_folder import folder_to_views
 
-        if args.env and len(args.folders) > 1:
-            raise ValueError("--env names one environment; it needs exactly one folder")
-        for folder in args.folders:
-            envs.append(folder_to_views(folder, layout=args.layout, csv_path=args.csv, optical=not args.no_optical,
-                                        env_name=args.env, opts=opts))
-        return _write(args, envs, camera="camera")
-    except (DmnError, DatasetFormatError, ValueError) as exc:
-        print(f"dmn-dataset: error: {exc}", file=sys.stderr)
-        return 2
+    if args.env and len(args.folders) > 1:
+        raise ValueError("--env names one environment; it needs exactly one folder")
+    for folder in args.folders:
+        envs.append(folder_to_views(folder, layout=args.layout, csv_path=args.csv, optical=not args.no_optical,
+                                    env_name=args.env, opts=opts))
+    return _write(args, envs, camera="camera")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dmn_ros.data.episodes import QueryMode
+from dmn_ros.errors import console_main
 from dmn_ros.evaluation.health_metrics import COVERAGE_FROM_INDEX, Runs, collect_runs, time_to_converge
 from dmn_ros.evaluation.protocol import (
     EpisodeSet,
@@ -141,6 +142,7 @@ def _compare_arg(text: str, device: str) -> tuple[str, list[LoadedModel]]:
     return label.strip(), models
 
 
+@console_main("dmn-eval")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", action="append", help="exported model(s); several = seeds, averaged")

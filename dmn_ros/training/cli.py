@@ -7,10 +7,12 @@ import logging
 
 import torch
 
+from dmn_ros.errors import console_main
 from dmn_ros.training.config import load_config
 from dmn_ros.training.trainer import train
 
 
+@console_main("dmn-train")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", help="YAML file (see config/train_dmn.yaml)")

@@ -142,10 +142,20 @@ def _number_or_str(value: Any) -> Any:
 def _coerce(name: str, value: Any) -> Any:
     value = _number_or_str(value)
     if name == "curriculum":
-        return tuple(
-            Stage(**{**s, "num_contexts": tuple(s.get("num_contexts", (4, 4)))}) if isinstance(s, dict) else s
-            for s in value
-        )
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"curriculum must be a non-empty list of stages, got {value!r}")
+        stage_keys = {f.name for f in dataclasses.fields(Stage)}
+        stages = []
+        for s in value:
+            if not isinstance(s, dict):
+                raise ValueError(f"curriculum stage {s!r} is not a mapping of {sorted(stage_keys)}")
+            if set(s) - stage_keys:
+                raise ValueError(f"curriculum stage {s}: unknown keys {sorted(set(s) - stage_keys)}; a stage takes "
+                                 f"{sorted(stage_keys)}")
+            if "until_step" not in s:
+                raise ValueError(f"curriculum stage {s} has no until_step")
+            stages.append(Stage(**{**s, "num_contexts": tuple(s.get("num_contexts", (4, 4)))}))
+        return tuple(stages)
     if isinstance(value, list):
         return tuple(_number_or_str(v) for v in value)
     return value
@@ -155,7 +165,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """YAML file, then ``key=value`` overrides (values parsed as YAML)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config {path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path}: expected key: value pairs, got {type(raw).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -164,12 +179,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys = k.split(".")
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(v)
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key} is not a mapping")
+        try:
+            node[keys[-1]] = yaml.safe_load(v)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: value is not valid YAML ({exc})") from exc
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in raw.items()})
+    try:
+        cfg = TrainConfig(**{k: _coerce(k, v) for k, v in raw.items()})
+    except TypeError as exc:  # e.g. a curriculum that is not a list of stages
+        raise ValueError(f"config: {exc}") from exc
     if cfg.val_metric not in VAL_METRICS:
         raise ValueError(f"val_metric must be one of {VAL_METRICS}, got {cfg.val_metric!r}")
     if cfg.rank_weight > 0 and cfg.rank_negatives < 1:

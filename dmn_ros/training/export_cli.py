@@ -8,11 +8,13 @@ import json
 import torch
 
 from dmn_ros.data.episodes import QueryMode
+from dmn_ros.errors import console_main
 from dmn_ros.export import export_model, load_model, results_from_eval, training_data_summary, weights_fingerprint
 from dmn_ros.localizer import INDEPENDENT_FRAMES_SUFFIX
 from dmn_ros.training.trainer import load_checkpoint, model_from_checkpoint
 
 
+@console_main("dmn-export")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", help="checkpoint_best.pt or checkpoint_last.pt from dmn-train")

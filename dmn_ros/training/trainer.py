@@ -29,7 +29,7 @@ from torch import nn
 
 from dmn_ros.data import DatasetDir
 from dmn_ros.data.torch_dataset import EpisodeDataset
-from dmn_ros.export import atomic_write_bytes, export_model, resolve_device, training_data_summary
+from dmn_ros.export import META_FILE, atomic_write_bytes, export_model, resolve_device, training_data_summary
 from dmn_ros.filter import FilterConfig, PreparedMap, encode_map, init_gaussian, init_uniform, run_episode
 from dmn_ros.geometry import MetricScale, wrap_angle
 from dmn_ros.model import PARTICLE_FILTER_KINDS, build_model, model_config, model_kind, regress_sequence
@@ -221,7 +221,30 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=device, weights_only=True)
+    """A dmn-train checkpoint, loaded with ``torch.load(weights_only=True)``.
+
+    Raises ``OSError`` for an unreadable file and ``ValueError`` for anything that is not a checkpoint,
+    an exported model (``model.pt``) in particular.
+    """
+    import zipfile
+
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith(("/constants.pkl", f"/extra/{META_FILE}")) or "/code/" in n for n in names):
+            raise ValueError(f"{path} is an exported model (TorchScript), not a training checkpoint: pass "
+                             "checkpoint_best.pt or checkpoint_last.pt from dmn-train")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # unpickling refused (weights_only), truncated or foreign file
+        raise ValueError(f"{path}: not a dmn-train checkpoint (torch.load with weights_only=True: "
+                         f"{type(exc).__name__})") from exc
+    if not isinstance(state, dict) or not {"model", "model_config"} <= set(state):
+        raise ValueError(f"{path}: not a dmn-train checkpoint (no model / model_config)")
+    return state
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:

@@ -25,6 +25,7 @@ import numpy as np
 
 from dmn_ros.data.dataset_format import SPLITS, DatasetDir, DatasetMeta, env_name, env_seed
 from dmn_ros.data.episodes import generate_env_views, sample_episode_from_views
+from dmn_ros.errors import console_main
 from dmn_ros.files import atomic_save_figure
 from dmn_ros.worlds import DOMAINS, make_world
 from dmn_ros.worlds.renderer import CAMERA_NAME
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_main("dmn-world")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
