@@ -1,11 +1,17 @@
 # One-command set-up: every target builds what it needs on a fresh clone.
 # Override the torch pin for a CUDA build, e.g.  make setup TORCH_SPEC="torch==2.13.0 --index-url <your index>"
+# With a system ROS 2 (its rclpy instead of the ros extra's wheels), from a fresh venv (make clean), with
+# ROS's setup.bash sourced and the Python of that ROS distro:
+#   make setup PYTHON=/usr/bin/python3 VENV_FLAGS=--system-site-packages EXTRAS=sim,dev
 PYTHON ?= python3.11
 VENV ?= .venv
+VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= ros,sim,dev
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.dmn_ros_installed
+comma := ,
+# One stamp per set of extras: asking for other extras installs them.
+STAMP := $(VENV)/.dmn_ros_installed_$(subst $(comma),_,$(EXTRAS))
 export MUJOCO_GL ?= osmesa
 export PYOPENGL_PLATFORM ?= osmesa
 
@@ -22,7 +28,10 @@ system-deps:
 	fi
 
 $(STAMP): setup.py pyproject.toml | system-deps
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ -n "$(findstring --system-site-packages,$(VENV_FLAGS))" ] && [ -f $(VENV)/pyvenv.cfg ] && \
+	  grep -q "include-system-site-packages = false" $(VENV)/pyvenv.cfg; then \
+	  echo "error: $(VENV) was made without system site packages: make clean, then make setup again" >&2; exit 1; fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"

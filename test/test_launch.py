@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dmn_ros.ros import params
@@ -129,3 +132,19 @@ def test_demo_runs_in_the_world_family_the_model_was_trained_for(tmp_path, capsy
     assert list((tmp_path / "o").glob("episode_00_world_*.png"))
     assert main([*args, "--domain", "maze"]) == 0
     assert "global localization in maze worlds" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_for_a_system_ros_install(tmp_path):
+    """The system-ROS recipe of the README: that Python, a venv that sees the system's rclpy, one stamp per extras."""
+    def dry_run(*args: str) -> str:
+        return subprocess.run(["make", "-n", "-C", str(ROOT), "setup", f"VENV={tmp_path / 'venv'}", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    system = dry_run("PYTHON=/usr/bin/python3", "VENV_FLAGS=--system-site-packages", "EXTRAS=sim,dev")
+    assert f"/usr/bin/python3 -m venv --system-site-packages {tmp_path / 'venv'}" in system
+    assert '-e ".[sim,dev]"' in system and "touch" in system
+    full = dry_run()
+    stamps = {re.search(r"touch (\S+)", out).group(1) for out in (system, full)}
+    assert len(stamps) == 2  # other extras: another stamp, so make installs them
+    assert "ros_sim_dev" in full and "--system-site-packages" not in full
