@@ -49,16 +49,10 @@ def _yaml_overrides(path: Path, node: str) -> dict[str, Any]:
 
 
 def default_params_file() -> Path:
-    here = Path(__file__).resolve().parent.parent / "config" / "dmn_localize.yaml"
-    try:
-        from ament_index_python.packages import get_package_share_directory
+    """config/dmn_localize.yaml where the package installed it (:func:`dmn_ros.export.package_share_file`)."""
+    from dmn_ros.export import package_share_file
 
-        share = Path(get_package_share_directory("dmn_ros")) / "config" / "dmn_localize.yaml"
-        if share.is_file():
-            return share
-    except Exception:  # no ament index (plain pip install)
-        pass
-    return here
+    return package_share_file("config", "dmn_localize.yaml")
 
 
 def _plot(path: Path, world: Any, frames: list[dict[str, Any]], contexts: np.ndarray, title: str) -> None:

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,22 +204,28 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     return LoadedModel(module=module, info=info, device=dev, path=str(path))
 
 
-def default_model_path() -> Path:
-    """The shipped model: ``$DMN_ROS_MODEL``, the ament share directory, or the source tree."""
-    env = os.environ.get("DMN_ROS_MODEL")
-    if env:
-        return Path(env)
-    candidates = [Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME]
+def package_share_file(*parts: str) -> Path:
+    """A data file the package installs (``models/...``, ``config/...``), the first that exists of: the ament share
+    directory (colcon), ``<sys.prefix>/share/dmn_ros`` (``pip install .``), the source tree (``pip install -e .``);
+    else the source tree's path."""
+    candidates = []
     try:
         from ament_index_python.packages import get_package_share_directory
 
-        candidates.insert(0, Path(get_package_share_directory("dmn_ros")) / "models" / DEFAULT_MODEL_NAME)
+        candidates.append(Path(get_package_share_directory("dmn_ros")).joinpath(*parts))
     except Exception:  # ament index absent (plain pip install) or package not in it
         pass
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[-1]
+    candidates.append(Path(sys.prefix, "share", "dmn_ros", *parts))
+    candidates.append(Path(__file__).resolve().parent.parent.joinpath(*parts))
+    return next((c for c in candidates if c.is_file()), candidates[-1])
+
+
+def default_model_path() -> Path:
+    """The shipped model: ``$DMN_ROS_MODEL``, else :func:`package_share_file` ``models/dmn_maze32.pt``."""
+    env = os.environ.get("DMN_ROS_MODEL")
+    if env:
+        return Path(env)
+    return package_share_file("models", DEFAULT_MODEL_NAME)
 
 
 def training_data_summary(meta: Any, dataset: str) -> dict[str, Any]:

@@ -148,3 +148,40 @@ def test_make_setup_for_a_system_ros_install(tmp_path):
     stamps = {re.search(r"touch (\S+)", out).group(1) for out in (system, full)}
     assert len(stamps) == 2  # other extras: another stamp, so make installs them
     assert "ros_sim_dev" in full and "--system-site-packages" not in full
+
+
+def test_plain_pip_install_finds_its_share_files(tmp_path, monkeypatch):
+    """``pip install .`` puts models/ and config/ in <prefix>/share/dmn_ros; they are found without an ament index."""
+    import sys
+
+    from dmn_ros.demo import default_params_file
+    from dmn_ros.export import DEFAULT_MODEL_NAME, default_model_path
+
+    share = tmp_path / "share" / "dmn_ros"
+    (share / "models").mkdir(parents=True)
+    (share / "config").mkdir()
+    (share / "models" / DEFAULT_MODEL_NAME).write_bytes(b"model")
+    (share / "config" / "dmn_localize.yaml").write_text("{}")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.delenv("DMN_ROS_MODEL", raising=False)
+    monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
+    assert default_model_path() == share / "models" / DEFAULT_MODEL_NAME
+    assert default_params_file() == share / "config" / "dmn_localize.yaml"
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))  # not installed there: the source tree's
+    assert default_model_path() == ROOT / "models" / DEFAULT_MODEL_NAME
+    assert default_params_file() == ROOT / "config" / "dmn_localize.yaml"
+
+
+def test_robot_install_covers_every_runtime_dependency():
+    """colcon users get each install_requires / sim package from rosdep (package.xml) or the README's pip line."""
+    keys = set(re.findall(r"<exec_depend>([\w-]+)</exec_depend>", (ROOT / "package.xml").read_text()))
+    readme = (ROOT / "README.md").read_text()
+    robot = readme[readme.index("## Running on a robot"):]
+    pip_line = next(ln for ln in robot.splitlines() if ln.startswith("pip install"))
+    setup = (ROOT / "setup.py").read_text()
+    requires = re.findall(r'"([A-Za-z][\w-]*)[<>=!\s\d.,]*"(?!\s*:)',  # the packages, not the extras' names
+                          setup[setup.index("install_requires"):setup.index('"dev"')])
+    alias = {"pyyaml": "yaml", "opencv-python-headless": "opencv"}
+    for pkg in (r for r in requires if not r.startswith("ros-")):
+        name = alias.get(pkg, pkg)
+        assert {f"python3-{name}", f"python3-{name}-pip"} & keys or pkg in pip_line, pkg
