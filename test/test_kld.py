@@ -327,7 +327,8 @@ def test_node_passes_kld_parameters_and_reports_the_count(model):
             loc.init_global()
             # a concentrating update through the node's own step path
             loc.likelihood_scale = 1e4
-            node._run(1.0, np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8), None)
+            node._run(1.0, np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8), None,
+                  node._odom_epoch)
             assert node.last_estimate is not None and node.last_estimate.num_particles == 400
             kv = {v.key: v.value for v in node.health_status().values}
             assert kv["num_particles"] == str(loc.num_particles) == "40"
