@@ -96,7 +96,9 @@ class TrainConfig:
 
     Global localization fails when some wrong place outscores the truth's basin, and uniform
     negatives almost never hit such a place: the basin then only has to beat an average pose
-    (run v8's basin rank 0.72), where it would have to beat nearly the whole map (≈ 0.99)."""
+    (run v8's basin rank 0.72), where it would have to beat nearly the whole map (≈ 0.99). Measured in
+    run v12 (docs/RESULTS.md): it widened the basin against uniform poses but halved the filter's val
+    success from v8, so no shipped recipe uses it."""
     rank_hard_candidates: int = 256
     rank_hard_min_m: float = 6.0
     """Mined negatives lie at least this far from the truth (meters), so they never sit in the
