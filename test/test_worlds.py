@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -134,3 +135,22 @@ def test_kidnapped_trajectory_starts_far_away_in_free_space():
             assert traj.shape == (4, 3) and float(np.hypot(*(traj[0, :2] - here[:2]))) > 15.0
             assert w.is_free(traj[:, :2]).all()
         assert kidnapped_trajectory(w, rng, None, steps=2).shape == (2, 3)  # no current pose: any free pose
+
+
+def test_box_footprints_turn_as_the_rendered_boxes() -> None:
+    """Free-space queries see each box at the orientation MuJoCo compiled (once radians vs degrees)."""
+    import mujoco
+
+    checked = 0
+    for seed in range(20_000_000, 20_000_008):
+        with make_world("rooms", seed=seed, image_size=(8, 8)) as w:
+            m = w._renderer.model
+            boxes = [g for g in range(m.ngeom) if m.geom_type[g] == mujoco.mjtGeom.mjGEOM_BOX]
+            for x, y, hx, hy, yaw in w.footprints.rects:
+                (g,) = [g for g in boxes if np.allclose(m.geom_pos[g][:2], (x, y), atol=1e-3)]
+                qw, _, _, qz = m.geom_quat[g]
+                rendered = 2.0 * math.atan2(qz, qw)
+                assert math.remainder(rendered - yaw, 2 * math.pi) == pytest.approx(0.0, abs=1e-4)
+                assert np.allclose(m.geom_size[g][:2], (hx, hy), atol=1e-4)
+                checked += 1
+    assert checked >= 3  # some seeds draw boxes

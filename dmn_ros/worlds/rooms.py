@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dmn_ros.worlds.base import World, cube_material
@@ -63,10 +65,14 @@ class RoomsWorld(World):
             xy = f"{x:.4f} {y:.4f}"
             if shape == "box":
                 hx, hy, hz = r, float(rng.uniform(0.5, 1.0)) * r, float(rng.uniform(1.0, 3.0))
-                yaw = float(rng.uniform(-np.pi, np.pi))
+                # A small turn, in degrees: MuJoCo reads euler in degrees (the scene sets no angle unit), and
+                # every rooms dataset and the rooms model were rendered with this draw read that way. The
+                # footprint once took the same number as radians, so free-space queries saw a box turned by up
+                # to 180° where the camera saw it nearly square, and poses could land inside boxes.
+                turn_deg = float(rng.uniform(-np.pi, np.pi))
                 geoms.append(f'<geom type="box" pos="{xy} {hz:.5f}" size="{hx:.5f} {hy:.5f} {hz:.5f}" '
-                             f'euler="0 0 {yaw:.6f}" rgba="{rgba}"/>')
-                rects.append((x, y, hx, hy, yaw))
+                             f'euler="0 0 {turn_deg:.6f}" rgba="{rgba}"/>')
+                rects.append((x, y, hx, hy, math.radians(turn_deg)))
             elif shape == "sphere":
                 geoms.append(f'<geom type="sphere" pos="{xy} {r:.5f}" size="{r:.5f}" rgba="{rgba}"/>')
                 circles.append((x, y, r))
