@@ -1,7 +1,8 @@
 """Launch DMN visual localization on a ROS 2 install: ``ros2 launch dmn_ros dmn_localize.launch.py``.
 
 Starts ``localization_node`` and, with ``start_mapping:=true``, ``mapping_node``;
-``demo:=true`` adds ``sim_node`` (a simulated maze robot). Parameters come from
+``demo:=true`` adds ``sim_node`` (a simulated maze robot; with ``use_sim_time:=true`` it also
+publishes ``/clock``, the other nodes' time source). Parameters come from
 ``params_file`` (default: the package's ``config/dmn_localize.yaml``); ``model`` and
 ``map_file`` override the file's ``model_path`` / ``map_file`` when non-empty.
 Here (pip-installed ROS, no ``launch``) ``make demo`` composes the same nodes with the
@@ -75,8 +76,10 @@ def _nodes(context, *_args, **_kwargs) -> list:
         nodes.append(Node(package="dmn_ros", executable="mapping_node", name="mapping_node",
                           parameters=params("mapping_node", map_over), **common))
     if cfg["demo"].lower() in ("true", "1", "yes"):
+        # With use_sim_time the simulator is the /clock source (its timers run on wall time), so it must publish it.
+        sim_over = {"use_sim_time": use_sim_time, **({"publish_clock": True} if use_sim_time else {})}
         nodes.append(Node(package="dmn_ros", executable="sim_node", name="sim_node",
-                          parameters=params("sim_node", {"use_sim_time": use_sim_time}), **common))
+                          parameters=params("sim_node", sim_over), **common))
     return nodes
 
 
@@ -88,7 +91,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("params_file", default_value=default_params, description="ROS 2 parameters YAML"),
         DeclareLaunchArgument("model", default_value="", description="exported model (.pt); empty: YAML/shipped"),
         DeclareLaunchArgument("map_file", default_value="", description="view-embedding map (.safetensors)"),
-        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock"),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="use /clock (with demo: sim_node publishes it)"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
         DeclareLaunchArgument("start_mapping", default_value="true", description="start mapping_node"),
         DeclareLaunchArgument("demo", default_value="false", description="add sim_node (simulated maze robot)"),

@@ -76,6 +76,54 @@ def test_launch_file_parses_and_names_existing_things():
     assert (ROOT / "package.xml").is_file() and (ROOT / "resource" / "dmn_ros").is_file()
 
 
+
+def _launched_nodes(monkeypatch, **args: str) -> dict[str, list]:
+    """Run the launch file's node builder with stand-ins for launch / launch_ros (not installable here):
+    node name -> its ``parameters`` list, for the launch arguments ``args`` over the declared defaults."""
+    import importlib.util
+    import sys
+    import types
+
+    class Recorded:
+        def __init__(self, *a, **kw):
+            self.args, self.kwargs = a, kw
+
+    stubs = {"launch": types.ModuleType("launch"), "launch.actions": types.ModuleType("launch.actions"),
+             "launch_ros": types.ModuleType("launch_ros"), "launch_ros.actions": types.ModuleType("launch_ros.actions"),
+             "ament_index_python": types.ModuleType("ament_index_python"),
+             "ament_index_python.packages": types.ModuleType("ament_index_python.packages")}
+    stubs["launch"].LaunchDescription = Recorded
+    stubs["launch.actions"].DeclareLaunchArgument = stubs["launch.actions"].OpaqueFunction = Recorded
+    stubs["launch_ros.actions"].Node = Recorded
+    stubs["ament_index_python.packages"].get_package_share_directory = lambda _pkg: str(ROOT)
+    for name, mod in stubs.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    spec = importlib.util.spec_from_file_location("dmn_localize_launch", LAUNCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    declared = {a.args[0]: a.kwargs["default_value"] for a in mod.generate_launch_description().args[0]
+                if isinstance(a, Recorded) and a.args}
+    context = types.SimpleNamespace(launch_configurations={**declared, **args})
+    return {n.kwargs["name"]: n.kwargs["parameters"] for n in mod._nodes(context)}
+
+
+@pytest.mark.parametrize("namespace", ["", "robot1"])
+def test_demo_with_sim_time_makes_sim_node_publish_clock(monkeypatch, namespace):
+    """sim_node is the only /clock source of ``demo:=true``: with use_sim_time it must publish /clock."""
+    def merged(nodes: dict[str, list], name: str) -> dict:
+        out: dict = {}
+        for p in nodes[name]:  # the file's section of the node (or the namespaced dict), then the overrides
+            out.update(_node_params(yaml.safe_load(Path(p).read_text()), name) if isinstance(p, str) else p)
+        return out
+
+    nodes = _launched_nodes(monkeypatch, demo="true", use_sim_time="true", namespace=namespace)
+    sim = merged(nodes, "sim_node")
+    assert sim["use_sim_time"] is True and sim["publish_clock"] is True
+    assert merged(nodes, "localization_node")["use_sim_time"] is True
+    assert merged(nodes, "mapping_node")["use_sim_time"] is True
+    sim = merged(_launched_nodes(monkeypatch, demo="true", namespace=namespace), "sim_node")
+    assert sim["use_sim_time"] is False and sim["publish_clock"] is False  # the YAML's value
+
 def test_yaml_covers_every_declared_parameter_and_nothing_else():
     doc = yaml.safe_load(YAML.read_text())
     assert set(_flatten(doc["/**"]["ros__parameters"])) <= set(params.COMMON) | {"use_sim_time"}

@@ -1,4 +1,4 @@
-"""localization_node and mapping_node against late odometry, time resets and bad input (real nodes).
+"""localization_node, mapping_node and sim_node against late odometry, time resets and bad input (real nodes).
 
 Each test builds a real LocalizationNode (untrained model, a small map through its ``dmn_map``
 callback) and calls its callbacks and work tick directly, so the message order is exactly the one
@@ -7,6 +7,7 @@ under test; nothing is mocked.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -402,3 +403,39 @@ def test_odometry_in_another_frame_is_a_counted_drop(node: LocalizationNode) -> 
     assert node.counters["bad_odom_frame"] == 1 and len(node.odom) == 3
     assert node.counters["odom_child_frame_mismatch"] == 1
     assert node.set_parameters([Parameter("base_frame_id", value="camera")])[0].successful is False
+
+
+# ---- sim_node --------------------------------------------------------------------------------------------------
+def test_sim_node_steps_and_publishes_clock_under_use_sim_time(ctx) -> None:
+    """With use_sim_time the node's ROS clock moves only when /clock arrives, and with publish_clock the sim is
+    the /clock source: its timers must run on wall time (they used to wait for the sim's own /clock forever)."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rosgraph_msgs.msg import Clock
+
+    from dmn_ros.ros.sim_node import SENSOR_QOS, SimNode
+
+    sim = SimNode(namespace="sim_clock", context=ctx, parameter_overrides=[
+        Parameter("use_sim_time", value=True), Parameter("publish_clock", value=True), Parameter("rate", value=10.0),
+        Parameter("trajectory_steps", value=20), Parameter("num_contexts", value=2)])
+    probe = rclpy.create_node("sim_clock_probe", context=ctx)
+    clocks: list[Clock] = []
+    images: list[Image] = []
+    probe.create_subscription(Clock, "/clock", clocks.append, 10)
+    probe.create_subscription(Image, "/sim_clock/camera/image", images.append, SENSOR_QOS)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(sim)
+    ex.add_node(probe)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            ex.spin_once(timeout_sec=0.05)
+    finally:
+        ex.shutdown()
+        sim.destroy_node()
+        probe.destroy_node()
+    assert sim.index + 1 >= 5, "sim_node did not step"
+    assert len(clocks) >= 3 and len(images) >= 3, (len(clocks), len(images))
+    secs = [c.clock.sec + c.clock.nanosec * 1e-9 for c in clocks]
+    assert all(b > a for a, b in itertools.pairwise(secs))  # simulated time moves forward
+    assert sim.get_clock().now().nanoseconds > 0  # and the node's own ROS clock follows it
+

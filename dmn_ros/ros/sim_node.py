@@ -2,9 +2,11 @@
 
 Publishes camera images, noisy odometry (``odom → base``, starting at the origin and
 continuous across episodes), ground truth (``PoseStamped`` in the global frame) and a
-set of context image-pose pairs for the mapping node. With ``rate > 0`` a timer drives
-it; :meth:`SimNode.step_once` and :meth:`SimNode.reset` let a caller (the demo, tests)
-drive it in lock-step. ``kidnap_at_step = N > 0`` teleports the robot to a random free
+set of context image-pose pairs for the mapping node. With ``rate > 0`` a timer on the steady
+(wall) clock drives it, also under ``use_sim_time``: with ``publish_clock`` this node is the
+``/clock`` source, so a timer on ROS time would wait for itself forever.
+:meth:`SimNode.step_once` and :meth:`SimNode.reset` let a caller (the demo, tests) drive it in
+lock-step. ``kidnap_at_step = N > 0`` teleports the robot to a random free
 pose (more than 15 m away) at the N-th frame of each world (then it drives on from there) while odometry
 reports no motion: the kidnapped-robot test of docs/health.md.
 """
@@ -16,6 +18,8 @@ from typing import Any
 import numpy as np
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry
+from rclpy.clock import Clock as RclpyClock
+from rclpy.clock import ClockType
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
@@ -49,8 +53,14 @@ class SimNode(Node):
         self._ctx_subs_seen = 0
         self.reset(int(self.p["world_seed"]))
         if float(self.p["rate"]) > 0:
-            self.create_timer(1.0 / float(self.p["rate"]), self.step_once)
-            self.create_timer(1.0, self._maybe_publish_contexts)
+            # Wall-time timers: with use_sim_time the node's ROS clock only moves when /clock arrives, and with
+            # publish_clock this node is the /clock source, so timers on it would never fire.
+            wall = RclpyClock(clock_type=ClockType.STEADY_TIME)
+            self.create_timer(1.0 / float(self.p["rate"]), self.step_once, clock=wall)
+            self.create_timer(1.0, self._maybe_publish_contexts, clock=wall)
+        if self.get_parameter("use_sim_time").value and self.clock_pub is None:
+            self.get_logger().warning("use_sim_time is true but publish_clock is false: stamps follow /clock "
+                                      "from another source (0 until one publishes)")
 
     def reset(self, world_seed: int) -> None:
         """Build the world of ``world_seed``, a new trajectory and contexts; odometry stays continuous."""
