@@ -439,3 +439,20 @@ def test_sim_node_steps_and_publishes_clock_under_use_sim_time(ctx) -> None:
     assert all(b > a for a, b in itertools.pairwise(secs))  # simulated time moves forward
     assert sim.get_clock().now().nanoseconds > 0  # and the node's own ROS clock follows it
 
+
+@pytest.mark.parametrize(("name", "value", "reason"), [
+    ("trajectory_steps", 1, "must be >= 2"), ("trajectory_steps", 0, "must be >= 2"),
+    ("odom_noise_xy", -0.1, "must be >= 0"), ("odom_noise_yaw", -0.01, "must be >= 0"),
+    ("rate", -1.0, "must be >= 0"), ("rate", float("nan"), "must be finite"), ("num_contexts", -1, "must be >= 0"),
+    ("image_size", 0, "must be >= 1"), ("world_seed", -5, "must be >= 0"), ("kidnap_at_step", -1, "must be >= 0"),
+    ("image_encoding", "mono8", "must be one of rgb8, bgr8"),
+    ("contexts_from", "path", "must be one of free_space, trajectory"),
+])
+def test_sim_node_invalid_parameters_at_start_fail_clearly(ctx, name, value, reason) -> None:
+    """Each used to crash later: ZeroDivisionError / IndexError on trajectory_steps 1 / 0, ValueError from the
+    noise draw in a timer, an encoding error in a timer; now the constructor names the parameter."""
+    from dmn_ros.errors import DmnError
+    from dmn_ros.ros.sim_node import SimNode
+
+    with pytest.raises(DmnError, match=rf"sim_node: invalid parameters: {name} = .*: {reason}"):
+        SimNode(namespace="bad_sim", context=ctx, parameter_overrides=[Parameter(name, value=value)])

@@ -2,7 +2,7 @@
 
 ``config/dmn_localize.yaml`` lists the same names; a test checks that every
 parameter declared here appears there. ``use_sim_time`` is declared by rclpy itself.
-Values outside their range (:data:`LIMITS`) stop a node at start; while it runs, only the
+Values outside their range (:data:`LIMITS`, :data:`CHOICES`) stop a node at start; while it runs, only the
 :data:`RUNTIME_LOCALIZATION` / :data:`RUNTIME_MAPPING` ones may change (``ros2 param set``),
 again within range; the nodes refuse the rest with the reason.
 """
@@ -169,9 +169,11 @@ LIMITS: dict[str, Check] = {
         "time_reset_s", "initialpose_margin", "save_pose_rate", "initial_pose.std_xy", "initial_pose.std_yaw",
         "lost_updates_before_global", "nearest_contexts", "max_published_particles", "health.converged_xy",
         "health.converged_yaw", "health.lost_ratio", "health.warmup_updates", "pair_tolerance", "max_contexts",
-        "thinning_heading_scale", "sync_window")},
+        "thinning_heading_scale", "sync_window",
+        "rate", "odom_noise_xy", "odom_noise_yaw", "num_contexts", "kidnap_at_step", "world_seed")},
     **{k: _at_least(1) for k in ("max_particles", "tracking_particles", "min_particles", "health.converged_updates",
-                                 "max_unpaired", "shared_history", "shared_batch")},
+                                 "max_unpaired", "shared_history", "shared_batch", "image_size")},
+    "trajectory_steps": _at_least(2),  # sim_node drives there and back: a period of 2 * (steps - 1) frames
     **{k: _above(0.0) for k in ("odom_buffer_s", "process_rate", "pf_err", "kld_bin_xy", "kld_bin_yaw")},
     "resample_threshold": _within(0.0, 1.0),
     "recovery_alpha_slow": _within(0.0, 1.0),
@@ -180,12 +182,20 @@ LIMITS: dict[str, Check] = {
     "health.alpha_fast": _within(0.0, 1.0, open_lo=True),
 }
 """Range of each numeric parameter (by name, in every table that declares it); NaN and infinities never pass."""
+CHOICES: dict[str, tuple[str, ...]] = {
+    "image_encoding": ("rgb8", "bgr8"),
+    "contexts_from": ("free_space", "trajectory"),
+}
+"""Allowed values of string parameters (by name, in every table that declares it)."""
 
 
 def problems(values: dict[str, Any]) -> list[str]:
-    """``'name = value: reason'`` for every value in ``values`` outside its range (:data:`LIMITS`)."""
+    """``'name = value: reason'`` for every value in ``values`` outside its range (:data:`LIMITS`, :data:`CHOICES`)."""
     out = []
     for name, v in values.items():
+        if name in CHOICES and v not in CHOICES[name]:
+            out.append(f"{name} = {v!r}: must be one of {', '.join(CHOICES[name])}")
+            continue
         check = LIMITS.get(name)
         if check is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
@@ -216,7 +226,7 @@ def check_update(current: dict[str, Any], table: ParamTable, runtime: frozenset[
 def declare(node: Any, table: ParamTable) -> dict[str, Any]:
     """Declare ``table`` on ``node`` and return the current values (YAML/overrides applied).
 
-    Raises :class:`~dmn_ros.errors.DmnError` naming every value outside its range (:data:`LIMITS`).
+    Raises :class:`~dmn_ros.errors.DmnError` naming every value outside its range (:data:`LIMITS`, :data:`CHOICES`).
     """
     out: dict[str, Any] = {}
     for name, (default, doc) in table.items():
