@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import threading
+import time
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
@@ -273,6 +274,74 @@ def test_live_replay_matches_offline(bags, model, tmp_path):
     assert live["metrics"]["rmse_m"] == pytest.approx(offline["metrics"]["rmse_m"], abs=0.05)
     assert (tmp_path / "live" / "estimate.tum").is_file()
 
+
+
+@pytest.fixture(scope="module")
+def front_bag(tmp_path_factory):
+    """A small bag whose camera is on /front/image_raw (a robot's name, not the node default)."""
+    from dmn_ros.bags.topics import TopicNames
+
+    p = tmp_path_factory.mktemp("front") / "run"
+    record_bag(p, RecordConfig(steps=4, num_contexts=2), topics=TopicNames(camera="/front/image_raw"))
+    return p
+
+
+def test_play_init_on_a_bag_without_the_camera_topic_fails_naming_its_topics(front_bag, capsys):
+    """--init used to wait for /camera/image on such a bag and so never initialized, silently."""
+    pytest.importorskip("rclpy")
+    from dmn_ros.bags.play import main as play_main
+
+    assert play_main([str(front_bag), "--init", "global", "--wait-subscribers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "needs the camera topic /camera/image" in err and "is not in the bag" in err
+    assert "/front/image_raw" in err and "/ground_truth" in err and "--camera-topic" in err
+    assert play_main([str(front_bag), "--init", "tracking", "--camera-topic", "/front/image_raw",
+                      "--ground-truth-topic", "/mocap/pose", "--wait-subscribers", "0"]) == 2
+    assert "needs the ground-truth topic /mocap/pose" in capsys.readouterr().err
+    assert play_main([str(front_bag), "--init", "global", "--camera-topic", "/front/image_raw",
+                      "--topics", "/odom", "--wait-subscribers", "0"]) == 2
+    assert "is left out by --topics" in capsys.readouterr().err
+
+
+@pytest.mark.ros
+def test_play_init_with_camera_topic_option_initializes_the_node(front_bag, model):
+    """dmn-bag-play --camera-topic /front/image_raw --init global, into real mapping + localization nodes
+    (the localizer's image_topic remapped): the node is initialized before the first frame and filters them."""
+    rclpy = pytest.importorskip("rclpy")
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from dmn_ros.bags.play import main as play_main
+    from dmn_ros.ros.localization_node import LocalizationNode
+    from dmn_ros.ros.mapping_node import MappingNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
+    loc = LocalizationNode(model=model, context=ctx, parameter_overrides=[
+        Parameter("image_topic", value="/front/image_raw"), Parameter("max_particles", value=32),
+        Parameter("tracking_particles", value=32), Parameter("tf_broadcast", value=False),
+        Parameter("publish_particles", value=False), Parameter("update_min_d", value=0.0),
+        Parameter("update_min_a", value=0.0), Parameter("transform_tolerance", value=5.0)])
+    mapping = MappingNode(model=model, context=ctx)
+    ex = MultiThreadedExecutor(num_threads=2, context=ctx)
+    ex.add_node(loc)
+    ex.add_node(mapping)
+    spin = threading.Thread(target=ex.spin, daemon=True)
+    spin.start()
+    try:
+        assert play_main([str(front_bag), "--init", "global", "--camera-topic", "/front/image_raw",
+                          "--init-timeout", "30", "--wait-subscribers", "10"]) == 0
+        deadline = time.monotonic() + 30.0
+        while (loc.counters["frames"] < 4 or loc.counters["processed"] == 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        ex.shutdown(timeout_sec=2)
+        loc.destroy_node()
+        mapping.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+    assert loc.counters["frames"] == 4 and loc.counters["dropped_not_ready"] == 0, loc.counters
+    assert loc.counters["processed"] >= 1, loc.counters
 
 # ---- kidnapping (dmn-bag-record --kidnap-at-step) and health metrics (docs/health.md) ----------------------------
 KIDNAP_AT = 6

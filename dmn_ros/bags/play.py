@@ -6,7 +6,10 @@ reliable/volatile/depth 10 when absent). ``/clock`` carries bag time for nodes w
 ``use_sim_time``. With ``--init global|tracking`` the player waits, before the first
 camera frame, until the mapping node's map holds the bag's contexts, then starts the
 localizer (``reinitialize_global_localization`` or ``initialpose`` at the first ground-truth
-pose), so a live run starts from the same state as ``dmn-bag-eval`` offline.
+pose), so a live run starts from the same state as ``dmn-bag-eval`` offline. The bag's
+topic names are given as to ``dmn-bag-eval`` (``--camera-topic`` …); ``--init`` on a bag
+without that camera topic (or, for ``tracking``, ground-truth topic) is an error naming the
+bag's topics.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dmn_ros.bags.errors import BagError
+from dmn_ros.bags.errors import BagError, MissingTopicError
 from dmn_ros.bags.reader import RawMessage, iter_raw_messages
-from dmn_ros.bags.topics import TopicNames
+from dmn_ros.bags.topics import TopicNames, add_topic_options, topics_from_args
 from dmn_ros.errors import console_main
 
 __all__ = ["BagPlayer", "main", "qos_from_metadata"]
@@ -83,6 +86,8 @@ class BagPlayer:
 
         if rate <= 0:
             raise BagError(f"rate must be > 0, got {rate}")
+        if init not in ("none", "global", "tracking"):
+            raise BagError(f"init must be none, global or tracking, got {init!r}")
         self.bag = Path(bag)
         self.rate = float(rate)
         self.init = init
@@ -91,10 +96,13 @@ class BagPlayer:
         self.wait_subscribers_s = wait_subscribers_s
         self.tracking_std = (tracking_std_xy, tracking_std_yaw)
         msgs, self.truncated = iter_raw_messages(self.bag)
+        in_bag = {m.topic for m in msgs}
         if only_topics:
             keep = {t if t.startswith("/") else "/" + t for t in only_topics}
             msgs = [m for m in msgs if m.topic in keep]
         self.messages: list[RawMessage] = sorted(msgs, key=lambda m: m.log_time_ns)
+        if init != "none":
+            self._check_init_topics(in_bag, {m.topic for m in self.messages})
         self.node = Node(node_name, context=context)
         self.log = self.node.get_logger()
         if self.truncated:
@@ -127,6 +135,22 @@ class BagPlayer:
         self._spin = threading.Thread(target=self._spin_loop, daemon=True)
         self._rclpy = rclpy
         self._spin.start()
+
+    def _check_init_topics(self, in_bag: set[str], played: set[str]) -> None:
+        """``--init`` starts at the first camera frame (and ``tracking`` reads the ground truth): without them in
+        what is played it would never start, so refuse at once, naming the bag's topics."""
+        cam = self.topics.camera
+        needs = {"camera": ({cam, cam + "/compressed"}, f"{cam} (or {cam}/compressed)", "--camera-topic")}
+        if self.init == "tracking":
+            gt = self.topics.ground_truth
+            needs["ground-truth"] = ({gt}, gt, "--ground-truth-topic")
+        for what, (names, shown, option) in needs.items():
+            if names & played:
+                continue
+            where = "is left out by --topics" if names & in_bag else "is not in the bag"
+            raise MissingTopicError(f"{self.bag}: --init {self.init} needs the {what} topic {shown}, which {where} "
+                                    f"(bag topics: {', '.join(sorted(in_bag)) or 'none'}); give {option}",
+                                    path=self.bag)
 
     def _spin_loop(self) -> None:
         try:
@@ -242,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init-timeout", type=float, default=30.0)
     ap.add_argument("--wait-subscribers", type=float, default=5.0,
                     help="seconds to wait for subscribers to the camera/context topics before playing")
+    add_topic_options(ap)  # the bag's topic names, as dmn-bag-eval takes them
     return ap
 
 
@@ -255,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         player = BagPlayer(args.bag, rate=args.rate, clock=not args.no_clock, init=args.init,
                            init_timeout_s=args.init_timeout, wait_subscribers_s=args.wait_subscribers,
-                           only_topics=args.topics)
+                           only_topics=args.topics, topics=topics_from_args(args))
         n = player.play(loop=args.loop)
         print(f"published {n} messages from {args.bag}")
         return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, fields
 
-__all__ = ["IMAGE_TYPES", "POSE_TYPES", "TopicNames", "absolute"]
+__all__ = ["IMAGE_TYPES", "POSE_TYPES", "TOPIC_OPTIONS", "TopicNames", "absolute", "add_topic_options",
+           "topics_from_args"]
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 """Camera and context image types."""
@@ -40,3 +42,19 @@ class TopicNames:
 
     def normalized(self) -> TopicNames:
         return TopicNames(**{f.name: absolute(getattr(self, f.name)) for f in fields(self)})
+
+
+TOPIC_OPTIONS = ("camera", "odom", "ground_truth", "context_image", "context_pose")
+"""The :class:`TopicNames` fields the bag tools take as ``--<field>-topic`` options."""
+
+
+def add_topic_options(ap: argparse.ArgumentParser) -> None:
+    """``--camera-topic``, ``--odom-topic``, ``--ground-truth-topic``, ``--context-image-topic``,
+    ``--context-pose-topic`` (defaults: :class:`TopicNames`'); read back with :func:`topics_from_args`."""
+    for f in TOPIC_OPTIONS:
+        ap.add_argument(f"--{f.replace('_', '-')}-topic", default=getattr(TopicNames(), f))
+
+
+def topics_from_args(args: argparse.Namespace, **others: str) -> TopicNames:
+    """The :class:`TopicNames` of the options :func:`add_topic_options` added (``others``: the remaining fields)."""
+    return TopicNames(**{f: getattr(args, f"{f}_topic") for f in TOPIC_OPTIONS}, **others)
