@@ -35,7 +35,7 @@ import numpy as np
 from dmn_ros.bags.errors import BagError
 from dmn_ros.bags.reader import BagData, PoseStream, find_bags, load_bag
 from dmn_ros.bags.record import KIDNAP_STAMP_KEY
-from dmn_ros.bags.topics import TopicNames
+from dmn_ros.bags.topics import TopicNames, add_topic_options, topics_from_args
 from dmn_ros.errors import DmnError, console_main
 from dmn_ros.evaluation.health_metrics import (
     COVERAGE_FROM_INDEX,
@@ -710,8 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recovered = error under the success threshold for this many consecutive steps")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
-    for f in ("camera", "odom", "ground_truth", "context_image", "context_pose"):
-        ap.add_argument(f"--{f.replace('_', '-')}-topic", default=getattr(TopicNames(), f))
+    add_topic_options(ap)
     ap.add_argument("--live", action="store_true",
                     help="score a running localization_node: listen to --pose-topic and the ground truth")
     ap.add_argument("--pose-topic", default="/dmn_pose", help="the node's output (with --live)")
@@ -722,9 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
-    topics = TopicNames(camera=args.camera_topic, odom=args.odom_topic, ground_truth=args.ground_truth_topic,
-                        context_image=args.context_image_topic, context_pose=args.context_pose_topic,
-                        estimate=args.pose_topic)
+    topics = topics_from_args(args, estimate=args.pose_topic)
     return EvalOptions(
         topics=topics, map_source=MapSource(args.map_source), map_file=args.map_file,
         context_every_m=args.context_every, model_path=args.model, mode=Mode(args.mode), particles=args.particles,
