@@ -47,6 +47,17 @@ def model(untrained):
     return untrained
 
 
+
+def _spinning(ctx, *nodes):
+    """A two-thread executor spinning ``nodes`` in the background, as the nodes run on a robot."""
+    from rclpy.executors import MultiThreadedExecutor
+
+    ex = MultiThreadedExecutor(num_threads=2, context=ctx)
+    for n in nodes:
+        ex.add_node(n)
+    threading.Thread(target=ex.spin, daemon=True).start()
+    return ex
+
 def test_record_writes_both_storages_with_metadata(bags):
     from rosbags.rosbag2 import Reader
 
@@ -217,7 +228,6 @@ def test_live_replay_matches_offline(bags, model, tmp_path):
     that odometry (it used to filter with the previous sample held, and drifted up to 0.7 m).
     """
     rclpy = pytest.importorskip("rclpy")
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from dmn_ros.bags.live import run_live
@@ -236,11 +246,7 @@ def test_live_replay_matches_offline(bags, model, tmp_path):
         # (the offline replay always has all of it).
         Parameter("transform_tolerance", value=5.0)])
     mapping = MappingNode(model=model, context=ctx)
-    ex = MultiThreadedExecutor(num_threads=2, context=ctx)
-    ex.add_node(loc)
-    ex.add_node(mapping)
-    spin = threading.Thread(target=ex.spin, daemon=True)
-    spin.start()
+    ex = _spinning(ctx, loc, mapping)
     opts = EvalOptions(particles=K, seed=seed, progress=False, plots=False)
     holder = {}
     ready = threading.Event()
@@ -309,7 +315,6 @@ def test_play_init_with_camera_topic_option_initializes_the_node(front_bag, mode
     """dmn-bag-play --camera-topic /front/image_raw --init global, into real mapping + localization nodes
     (the localizer's image_topic remapped): the node is initialized before the first frame and filters them."""
     rclpy = pytest.importorskip("rclpy")
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from dmn_ros.bags.play import main as play_main
@@ -324,11 +329,7 @@ def test_play_init_with_camera_topic_option_initializes_the_node(front_bag, mode
         Parameter("publish_particles", value=False), Parameter("update_min_d", value=0.0),
         Parameter("update_min_a", value=0.0), Parameter("transform_tolerance", value=5.0)])
     mapping = MappingNode(model=model, context=ctx)
-    ex = MultiThreadedExecutor(num_threads=2, context=ctx)
-    ex.add_node(loc)
-    ex.add_node(mapping)
-    spin = threading.Thread(target=ex.spin, daemon=True)
-    spin.start()
+    ex = _spinning(ctx, loc, mapping)
     try:
         assert play_main([str(front_bag), "--init", "global", "--camera-topic", "/front/image_raw",
                           "--init-timeout", "30", "--wait-subscribers", "10"]) == 0
