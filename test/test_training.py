@@ -364,6 +364,8 @@ def test_fresh_run_never_exports_an_earlier_runs_checkpoint(tiny_dataset: Path, 
     train(cfg.__class__(**{**cfg.__dict__, "max_steps": 1, "val_every": 100, "seed": 1}), resume=False,
           progress=False)
     assert not (out / CHECKPOINT_BEST).is_file() and "earlier run" in caplog.text
+    (kept,) = out.glob("checkpoint_best.earlier-*.pt")  # set aside, not deleted
+    assert load_checkpoint(kept)["step"] == 2
     last = load_checkpoint(out / CHECKPOINT_LAST)
     assert last["step"] == 1
     assert load_model(out / "model.pt").info.fingerprint == weights_fingerprint(model_from_checkpoint(last))

@@ -403,10 +403,12 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
         model = build_model({"image_height": meta.image_size[0], "image_width": meta.image_size[1],
                              **cfg.model}).to(device)
     if state is None and dist_info.is_main:  # a fresh run: never export or resume an earlier run's checkpoints
+        stamp = time.strftime("%Y%m%d-%H%M%S")
         for name in (CHECKPOINT_BEST, CHECKPOINT_LAST):
-            if (out / name).is_file():
-                log.warning("fresh run: removing %s of an earlier run", out / name)
-                (out / name).unlink()
+            if (out / name).is_file():  # kept aside, not deleted: it may be the only copy of hours of training
+                kept = out / f"{Path(name).stem}.earlier-{stamp}.pt"
+                log.warning("fresh run: %s of an earlier run moved to %s", out / name, kept)
+                (out / name).rename(kept)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
