@@ -7,7 +7,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= ros,sim,dev
+# The extras the venv was set up with (remembered, so a later make demo/test keeps a system ROS 2's rclpy).
+EXTRAS ?= $(shell cat $(VENV)/.dmn_ros_extras 2>/dev/null || echo ros,sim,dev)
 BIN := $(VENV)/bin
 comma := ,
 # One stamp per set of extras: asking for other extras installs them.
@@ -35,6 +36,7 @@ $(STAMP): setup.py pyproject.toml | system-deps
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	echo $(EXTRAS) > $(VENV)/.dmn_ros_extras
 	touch $(STAMP)
 
 demo: setup

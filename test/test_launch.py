@@ -196,6 +196,11 @@ def test_make_setup_for_a_system_ros_install(tmp_path):
     stamps = {re.search(r"touch (\S+)", out).group(1) for out in (system, full)}
     assert len(stamps) == 2  # other extras: another stamp, so make installs them
     assert "ros_sim_dev" in full and "--system-site-packages" not in full
+    # Set up with sim,dev, a later plain `make demo` / `make test` keeps those extras (no ros wheels over rclpy).
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".dmn_ros_extras").write_text("sim,dev\n")
+    again = dry_run()
+    assert '-e ".[sim,dev]"' in again and "ros_sim_dev" not in again
 
 
 def test_plain_pip_install_finds_its_share_files(tmp_path, monkeypatch):
