@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML file (see config/train_dmn.yaml)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--no-resume", action="store_true",
-                   help="start afresh: an earlier run's checkpoint_last.pt and checkpoint_best.pt in out are removed")
+                   help="start afresh: an earlier run's checkpoint_last.pt and checkpoint_best.pt in out are set "
+                        "aside as checkpoint_*.earlier-<time>.pt")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. lr=3e-4 max_steps=2000 model.attention=false")
     args = p.parse_args(argv)
