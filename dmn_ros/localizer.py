@@ -252,7 +252,10 @@ class Localizer:
         """The model the filter runs: the caller's, or this Localizer's own copy on :attr:`device`."""
         self.info = model.info
         self.scale: MetricScale = model.info.metric_scale()
-        """Metric ↔ normalized; its origin is moved to the map's center (the model is invariant to it)."""
+        """Metric ↔ normalized; its origin is moved to the map's center. The egocentric DMN is invariant to
+        it; the kinds that see absolute coordinates (``egocentric=False`` and the latent maps) were
+        trained in worlds centred on the origin, so a map's own centre is the closest match for a map
+        in arbitrary coordinates (``dmn-eval`` keeps the world's origin, near its views' centre)."""
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         self.view_map: ViewMap | None = None

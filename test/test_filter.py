@@ -185,3 +185,31 @@ def test_mixture_nll_prefers_weight_on_truth():
     assert float(mixture_nll(good, truth, std_xy=0.1, std_yaw=0.2)) < float(
         mixture_nll(bad, truth, std_xy=0.1, std_yaw=0.2)
     )
+
+
+def test_filter_step_keeps_fp32_under_bf16_autocast():
+    """Training autocasts the networks to bf16 on CUDA (CPU autocast has the same casting rules);
+    the filter's weights, estimate and covariance must still come out in fp32 and equal the fp32
+    arithmetic on the same likelihoods."""
+    from dmn_ros.filter import FilterConfig, encode_map, filter_step
+    from dmn_ros.model import DMN
+
+    torch.manual_seed(0)
+    model = DMN().eval()
+    images = torch.rand(2, 4, 3, 32, 32)
+    poses = torch.rand(2, 4, 3) * 2 - 1
+    query = torch.rand(2, 3, 32, 32)
+    belief = init_gaussian(mean=torch.tensor([[0.7, 0.1, 3.1], [-0.2, 0.4, -3.1]]),
+                           std=torch.tensor([0.05, 0.05, 0.05]), num_particles=64)
+    cfg = FilterConfig(transition_noise=(0.01, 0.01, 0.02), resampling="soft")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pm = encode_map(model, images=images, poses=poses)
+        res = filter_step(model, belief=belief, prepared_map=pm, query=query,
+                          egomotion=torch.tensor([[0.02, 0.0, 0.1]] * 2), config=cfg,
+                          generator=torch.Generator().manual_seed(1))
+    for name in ("mean", "covariance", "log_likelihood"):
+        assert getattr(res, name).dtype == torch.float32, name
+    assert res.updated.log_weights.dtype == torch.float32 and res.belief.particles.dtype == torch.float32
+    mean, cov = estimate(res.updated)
+    torch.testing.assert_close(res.mean, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.covariance, cov, rtol=0, atol=1e-6)

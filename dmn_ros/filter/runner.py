@@ -114,12 +114,23 @@ def filter_step(
         query: ``(B, 3, H, W)`` frame at step t.
         egomotion: ``(B, 3)`` motion from t-1 to t in the robot frame at t-1, or None at t = 0.
     """
+    device_type = belief.particles.device.type
     if egomotion is not None:
-        belief = transition(belief, egomotion=egomotion, noise_std=config.transition_noise, generator=generator)
-    q, hq = model.prepare_query(query)
+        with torch.autocast(device_type, enabled=False):
+            belief = transition(belief, egomotion=egomotion, noise_std=config.transition_noise, generator=generator)
+    q, hq = model.prepare_query(query)  # the networks run under the caller's autocast (bf16 training on CUDA)
     ll = model.log_likelihood_prepared(
         prepared_map.map_a, prepared_map.map_g, prepared_map.poses, q, hq, belief.particles, config.nearest_contexts
-    )
+    ).float()
+    # The filter's arithmetic stays in fp32 under autocast: bf16 rounds a weighted mean of poses to
+    # ~8 cm at 20 m per unit and degrades the weights the loss differentiates through.
+    with torch.autocast(device_type, enabled=False):
+        return _update_estimate_resample(belief, ll, config, generator)
+
+
+def _update_estimate_resample(
+    belief: Belief, ll: torch.Tensor, config: FilterConfig, generator: torch.Generator | None
+) -> StepResult:
     if config.likelihood_scale != 1.0:
         ll = ll * config.likelihood_scale
     updated = update(belief, ll)

@@ -11,8 +11,11 @@ from dmn_ros.filter.steps import pose_error
 
 
 def pose_mse(mean: torch.Tensor, truth: torch.Tensor, *, yaw_weight: float = 0.5) -> torch.Tensor:
-    """SPEC loss ``(x-x*)² + (y-y*)² + α·wrap(ψ-ψ*)²`` with α = 0.5, averaged over the batch."""
-    e = pose_error(mean, truth)
+    """SPEC loss ``(x-x*)² + (y-y*)² + α·wrap(ψ-ψ*)²`` with α = 0.5, averaged over the batch.
+
+    In fp32 whatever the autocast: a regressed pose can come out of a bf16 layer.
+    """
+    e = pose_error(mean.float(), truth.float())
     return (e[..., 0] ** 2 + e[..., 1] ** 2 + yaw_weight * e[..., 2] ** 2).mean()
 
 

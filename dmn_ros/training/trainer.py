@@ -122,7 +122,7 @@ class EpisodeLoss(_PoseLoss):
             poses = torch.cat([self.positives(truth[:, t], n_pos), self.negatives(truth[:, t], m - hard)], dim=1)
             if hard > 0:
                 poses = torch.cat([poses, self.mined_negatives(pm, q, hq, truth[:, t], hard)], dim=1)
-            ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, poses, 0)
+            ll = self.model.log_likelihood_prepared(pm.map_a, pm.map_g, pm.poses, q, hq, poses, 0).float()
             total = total - (torch.logsumexp(ll[:, :n_pos], dim=1) - torch.logsumexp(ll, dim=1)).mean()
         return total / (steps * math.log((n_pos + m) / n_pos))
 
