@@ -26,7 +26,8 @@ import torch
 from dmn_ros.errors import ModelLoadError
 from dmn_ros.files import atomic_write_bytes  # also imported from here by the nodes and the trainer
 from dmn_ros.geometry import MetricScale
-from dmn_ros.model import model_config, model_kind
+from dmn_ros.model import MODEL_KINDS, model_config, model_kind
+from dmn_ros.model.kinds import constructor_args
 
 META_FILE = "dmn_meta.json"
 FORMAT = "dmn_ros.model/1"
@@ -127,11 +128,28 @@ def export_model(
         area_size_m=float(area_size_m),
         description=description,
     )
-    scripted = torch.jit.script(model)
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={META_FILE: json.dumps(asdict(info))})
-    atomic_write_bytes(path, buf.getvalue())
+    write_model_file(torch.jit.script(model), asdict(info), path)
     return info
+
+
+def write_model_file(module: torch.jit.ScriptModule, meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """The file format's writer: ``module`` as a TorchScript archive with ``meta`` (JSON) as its
+    :data:`META_FILE`, written atomically. Nothing is checked or re-hashed (:func:`export_model` builds
+    ``meta`` from the model; :func:`load_model` checks a file against its module)."""
+    buf = io.BytesIO()
+    torch.jit.save(module, buf, _extra_files={META_FILE: json.dumps(meta)})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_model_file(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[torch.jit.ScriptModule, str]:
+    """The file format's reader: the TorchScript module and the raw :data:`META_FILE` text ("" when the
+    archive has none), unchecked; torch's own errors propagate (:func:`load_model` turns them into
+    :class:`ModelLoadError`)."""
+    extra = {META_FILE: ""}
+    module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+    return module, extra[META_FILE]
 
 
 @dataclass
@@ -168,15 +186,14 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
-    extra = {META_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
+        module, meta_text = read_model_file(path, dev)
     except Exception as exc:  # torch raises RuntimeError/ValueError/zip errors for damaged archives
         raise ModelLoadError(f"cannot load model {path}: not a readable TorchScript archive ({exc})") from exc
-    if not extra[META_FILE]:
+    if not meta_text:
         raise ModelLoadError(f"model {path} has no {META_FILE}: not a dmn_ros export")
     try:
-        raw = json.loads(extra[META_FILE])
+        raw = json.loads(meta_text)
         raw["embed_shape"] = tuple(raw["embed_shape"])
         info = ModelInfo(**raw)
     except (ValueError, TypeError, KeyError) as exc:
@@ -200,8 +217,65 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         # Maps are checked against this fingerprint, so it must describe these very weights.
         raise ModelLoadError(f"model {path}: weights fingerprint {actual} does not match its metadata "
                              f"({info.fingerprint}); the file was altered or assembled from parts")
+    # The fingerprint covers the weights only: the metadata that says how to use them must match the module too.
+    mismatch = _metadata_mismatch(module, info, kind, dev)
+    if mismatch:
+        raise ModelLoadError(f"model {path}: {mismatch}; the metadata does not describe its TorchScript module "
+                             "(edited, or written by another tool)")
     module.eval()
     return LoadedModel(module=module, info=info, device=dev, path=str(path))
+
+
+def _module_kind(module: torch.jit.ScriptModule) -> str | None:
+    """The kind a scripted module is: its ``kind`` constant, else the kind whose class it was scripted from
+    (``original_name``); None for a class not in :data:`MODEL_KINDS` (e.g. a subclass), which is not checked."""
+    kind = getattr(module, "kind", None)
+    if isinstance(kind, str):
+        return kind
+    name = getattr(module, "original_name", None)
+    return next((k for k, cls in MODEL_KINDS.items() if cls.__name__ == name), None)
+
+
+def _differs(meta_value: Any, module_value: Any) -> bool:
+    return meta_value != module_value or isinstance(meta_value, bool) != isinstance(module_value, bool)
+
+
+def _metadata_mismatch(module: torch.jit.ScriptModule, info: ModelInfo, kind: str, device: torch.device) -> str:
+    """The first metadata field that disagrees with what ``module`` itself exposes, as
+    ``metadata FIELD is X but the module has Y``; "" when all agree.
+
+    Compared: the kind (the module's ``kind`` constant or scripted class), the image size, every architecture
+    key of ``config`` the module keeps as a scripted constant (``attention``, ``egocentric``, ``vector_dim``, ...)
+    and ``embed_shape``: the module's ``(embed_dim, feat_h, feat_w)``, or where it lacks those, the shape
+    ``embed_views`` gives one zero image (the only case that runs the network).
+    """
+    actual_kind = _module_kind(module)
+    if actual_kind is not None and actual_kind != kind:
+        return (f"metadata field 'kind' is {kind!r} but the module is a {module.original_name} "
+                f"(kind {actual_kind!r})")
+    for field_name in ("image_height", "image_width"):
+        meta_value, actual = getattr(info, field_name), getattr(module, field_name, None)
+        if actual is not None and _differs(meta_value, actual):
+            return f"metadata field {field_name!r} is {meta_value!r} but the module has {actual!r}"
+    for key in sorted(constructor_args(kind) & set(info.config)):
+        actual = getattr(module, key, None)
+        if actual is not None and _differs(info.config[key], actual):
+            return f"metadata field 'config.{key}' is {info.config[key]!r} but the module has {actual!r}"
+    shape_attrs = [getattr(module, a, None) for a in ("embed_dim", "feat_h", "feat_w")]
+    if all(isinstance(v, int) for v in shape_attrs):
+        actual_shape: tuple[int, ...] = tuple(shape_attrs)
+    else:
+        height = getattr(module, "image_height", info.image_height)
+        width = getattr(module, "image_width", info.image_width)
+        try:
+            with torch.no_grad():
+                actual_shape = tuple(module.embed_views(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+        except Exception as exc:  # a TorchScript runtime error: the module cannot embed images of this size
+            return f"the module's embed_views fails on a {height}x{width} zero image ({exc})"
+    if _differs(tuple(info.embed_shape), actual_shape):
+        return (f"metadata field 'embed_shape' is {list(info.embed_shape)} but the module embeds a view as "
+                f"{list(actual_shape)}")
+    return ""
 
 
 def package_share_file(*parts: str) -> Path:

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--calibrate, what is not re-fitted is kept); repeat it to combine streams fitted in "
                         "separate runs, later files winning on shared keys")
     p.add_argument("--results", metavar="RESULTS_JSON", default="",
-                   help="a dmn-eval results.json of these weights: its headline figures go into the metadata")
+                   help="a dmn-eval results.json of these weights alone (not averaged over seeds): its headline "
+                        "figures go into the metadata")
     args = p.parse_args(argv)
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state).eval()
@@ -47,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             ev = json.load(f)
         if not isinstance(ev, dict):
             raise ValueError(f"--results {args.results}: not a dmn-eval results.json (a JSON object)")
-        if weights_fingerprint(model) not in ev.get("fingerprints", []):
+        fingerprints = ev.get("fingerprints", [])
+        if not isinstance(fingerprints, list):
+            raise ValueError(f"--results {args.results}: not a dmn-eval results.json ('fingerprints' is not a list)")
+        if weights_fingerprint(model) not in fingerprints:
             p.error(f"{args.results} was measured on models {ev.get('fingerprints')}, not on these weights "
                     f"({weights_fingerprint(model)})")
+        distinct = list(dict.fromkeys(str(f) for f in fingerprints))
+        if len(distinct) > 1:  # dmn-eval averages its figures over all its --model files (seeds)
+            raise ValueError(f"--results {args.results}: its figures are averaged over {len(distinct)} models "
+                             f"(fingerprints {', '.join(distinct)}), not these weights' own; evaluate this model "
+                             "alone (dmn-eval with it as the only --model) and pass that results.json")
         try:
             results = results_from_eval(ev)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
