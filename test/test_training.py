@@ -148,15 +148,23 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [[], ["model.attention=false"]], ids=["dmn", "no_attention"])
+def test_torchrun_two_processes_gloo(tiny_dataset: Path, tmp_path: Path, model: list[str]) -> None:
+    """Two ranks train in step and end with identical weights (the ablation without attention leaves
+    CNN3 without a gradient, which DDP must be told about)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "dmn_ros.training.cli", "--device", "cpu", "--threads", "1",
-           f"data={tiny_dataset}", f"out={out}", "max_steps=2", *SMALL]
+           f"data={tiny_dataset}", f"out={out}", "max_steps=2", *SMALL, *model]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert load_checkpoint(out / CHECKPOINT_LAST)["step"] == 2
+    state = load_checkpoint(out / CHECKPOINT_LAST)
+    assert state["step"] == 2 and len(state["rng_states"]) == 2
+    assert not torch.equal(state["rng_states"][0]["cpu"], state["rng_states"][1]["cpu"])  # ranks draw apart
+    # Each rank hashed its own weights after the last step; rank 0 compared the gathered digests.
+    assert re.search(r"all 2 ranks hold identical weights at step 2 \(digest [0-9a-f]{16}\)", proc.stderr), \
+        proc.stderr[-3000:]
     load_model(out / "model.pt")
 
 
@@ -398,3 +406,81 @@ def test_no_machine_specific_paths_data_is_required(tmp_path: Path) -> None:
     assert "/work/" not in (root / "README.md").read_text()
     script = (root / "scripts" / "compare_models.sh").read_text()
     assert "/work/" not in script and "${DATA:-data/maze32}" in script
+
+
+def test_stage_start_is_where_the_stage_began() -> None:
+    cfg = load_config(None, ["curriculum=[{until_step: 10, context_mode: near},"
+                             " {until_step: 20, context_mode: random}]"])
+    assert [cfg.stage_start(s) for s in (0, 9, 10, 19, 20, 500)] == [0, 0, 10, 10, 10, 10]
+    assert load_config(None, []).stage_start(123) == 0
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    """6 steps straight equal 3 steps, a stop and a resume to 6: same batches, same random draws, with
+    validations (forked random state) and a curriculum stage change in between."""
+    common = [f"data={tiny_dataset}", *SMALL, "curriculum=[{until_step: 2, context_mode: near, num_contexts: [1, 2]},"
+              " {until_step: 100, context_mode: random, num_contexts: [2, 3]}]"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(None, [*common, f"out={straight}", "max_steps=6"]), progress=False)
+    train(load_config(None, [*common, f"out={split}", "max_steps=3"]), progress=False)
+    train(load_config(None, [*common, f"out={split}", "max_steps=6"]), progress=False)
+    a, b = load_checkpoint(straight / CHECKPOINT_LAST), load_checkpoint(split / CHECKPOINT_LAST)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_validation_leaves_the_training_random_stream_alone_and_reports_success(tiny_dataset: Path) -> None:
+    from dmn_ros.geometry import MetricScale
+    from dmn_ros.training.trainer import EpisodeLoss, evaluate_loss, validation_batches
+
+    cfg = load_config(None, [f"data={tiny_dataset}", *SMALL])
+    crit = EpisodeLoss(DMN(), cfg, MetricScale(20.0))
+    batches = validation_batches(cfg)
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    val = evaluate_loss(crit, batches, cpu, success_m=8.94)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert 0.0 <= val["success"] <= 1.0
+    assert evaluate_loss(crit, batches, cpu, success_m=1e9)["success"] == 1.0
+    assert evaluate_loss(crit, batches, cpu, success_m=0.0)["success"] == 0.0
+    # the same draws every time: comparable numbers between validations
+    assert evaluate_loss(crit, batches, cpu, success_m=8.94) == val
+
+
+def test_resuming_an_early_stopped_run_only_exports(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stopped"
+    cfg = load_config(None, [f"data={tiny_dataset}", f"out={out}", *SMALL, "lr=0", "patience=1", "val_every=1",
+                             "max_steps=50"])
+    train(cfg, progress=False)
+    first = load_checkpoint(out / CHECKPOINT_LAST)
+    assert first["step"] == 2 and first["bad_evals"] == 1  # step 1 sets the best, step 2 does not beat it
+    (out / "model.pt").unlink()
+    train(cfg, progress=False)
+    assert load_checkpoint(out / CHECKPOINT_LAST)["step"] == 2
+    load_model(out / "model.pt")
+
+
+def test_truth_rank_selection_uses_the_runs_metric_scale(tiny_dataset: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run at 10 m per unit on a 20 m-per-unit dataset scores its val poses at 10, as it trains."""
+    from dmn_ros.evaluation import ranking
+    from dmn_ros.training.trainer import save_checkpoint
+
+    out = tmp_path / "scaled"
+    base = [f"data={tiny_dataset}", f"out={out}", *SMALL, "val_every=1", "val_metric=truth_rank", "rank_weight=1",
+            "rank_negatives=7", "curriculum=[{until_step: 100, context_mode: random, num_contexts: [2, 2]}]"]
+    train(load_config(None, [*base, "max_steps=1"]), progress=False)
+    save_checkpoint(out / CHECKPOINT_LAST, {**load_checkpoint(out / CHECKPOINT_LAST), "meters_per_unit": 10.0})
+    seen: list[float] = []
+    real = ranking.truth_rank
+
+    def recording(model, episodes, **kw):  # the real ranking, recording the scale it was given
+        seen.append(episodes.scale.meters_per_unit)
+        return real(model, episodes, **kw)
+
+    monkeypatch.setattr(ranking, "truth_rank", recording)
+    train(load_config(None, [*base, "max_steps=2"]), progress=False)
+    assert seen and set(seen) == {10.0}
+    assert load_model(out / "model.pt").info.meters_per_unit == 10.0

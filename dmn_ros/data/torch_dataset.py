@@ -76,9 +76,14 @@ class _EpisodeStream(IterableDataset):
         num_contexts: NumContexts = 4,
         T: int = 5,
         batch_size: int | None = None,
+        first_batch: int | None = None,
         **sampling: Any,
     ) -> None:
         super().__init__()
+        self.first_batch = first_batch
+        """None: one random stream per worker. An int: batch k (counting from this one) draws from its own
+        generator seeded by ``(seed, worker, k)``, so a stream restarted at batch n continues exactly
+        where an uninterrupted one would be (training resume)."""
         self.num_contexts = num_contexts
         """Contexts per episode, or (min, max) inclusive drawn per batch."""
         self.T = int(T)
@@ -113,6 +118,8 @@ class _EpisodeStream(IterableDataset):
         self._start_worker(wid, nw)
         k = 0
         while self.num_episodes is None or k < self.num_episodes:
+            if self.first_batch is not None:
+                rng = np.random.default_rng([self.seed, wid, 0x5EED, self.first_batch + k])
             k += 1
             nc = self._draw_nc(rng)
             items = []

@@ -127,6 +127,12 @@ class TrainConfig:
                 return s
         return self.curriculum[-1]
 
+    def stage_start(self, step: int) -> int:
+        """The step at which the stage that ``step`` is in began (where its data stream starts)."""
+        stage = self.stage_at(step)
+        i = next(i for i, s in enumerate(self.curriculum) if s is stage)
+        return self.curriculum[i - 1].until_step if i > 0 else 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

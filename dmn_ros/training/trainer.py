@@ -107,6 +107,7 @@ class EpisodeLoss(_PoseLoss):
                                                                 std_yaw=std_yaw)
             mse_last = mse
         loss = loss / len(results)
+        self.last_error_xy = torch.linalg.norm(results[-1].mean[:, :2].detach().float() - truth[:, -1, :2], dim=-1)
         if self.cfg.rank_weight > 0:
             loss = loss + self.cfg.rank_weight * self.rank_loss(pm, batch["query_images"], truth)
         return loss, mse_last.detach()
@@ -188,6 +189,7 @@ class RegressionLoss(_PoseLoss):
         estimates = regress_sequence(self.model, map_v=map_v, map_u=map_u, context_poses=batch["context_poses"],
                                      queries=batch["query_images"], egomotion=batch["egomotion"], initial=initial)
         losses = [pose_mse(est, truth[:, t], yaw_weight=self.cfg.yaw_weight) for t, est in enumerate(estimates)]
+        self.last_error_xy = torch.linalg.norm(estimates[-1][:, :2].detach().float() - truth[:, -1, :2], dim=-1)
         return torch.stack(losses).mean(), losses[-1].detach()
 
 
@@ -345,18 +347,53 @@ def validation_batches(cfg: TrainConfig, num_contexts: int = 4) -> list[dict[str
 
 
 @torch.no_grad()
-def evaluate_loss(crit: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
-    torch.manual_seed(1234)  # same prior draws every validation: comparable numbers
-    was_training = crit.training
-    crit.eval()
-    total, mse_total = 0.0, 0.0
-    for b in batches:
-        loss, mse = crit(normalize_batch(b, crit.scale, device))
-        total += float(loss)
-        mse_total += float(mse)
-    crit.train(was_training)
+def evaluate_loss(crit: nn.Module, batches: list[dict[str, Any]], device: torch.device,
+                  success_m: float = 8.94) -> dict[str, float]:
+    """Mean loss and last-step MSE, and the share of episodes whose last estimate is within ``success_m``.
+
+    Draws from a forked RNG seeded the same every time (comparable numbers), so validation never
+    changes the training run's own random stream.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1234)
+        was_training = crit.training
+        crit.eval()
+        total, mse_total, hits, count = 0.0, 0.0, 0, 0
+        for b in batches:
+            loss, mse = crit(normalize_batch(b, crit.scale, device))
+            total += float(loss)
+            mse_total += float(mse)
+            err_m = crit.last_error_xy * crit.scale.meters_per_unit
+            hits += int((err_m < success_m).sum())
+            count += int(err_m.numel())
+        crit.train(was_training)
     n = max(1, len(batches))
-    return {"loss": total / n, "mse": mse_total / n}
+    return {"loss": total / n, "mse": mse_total / n, "success": hits / max(1, count)}
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch random state (CPU, and CUDA when training there), for exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of the parameters: equal on every rank while DistributedDataParallel keeps them in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Path:
@@ -416,6 +453,12 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, best_val, bad_evals = int(state["step"]), float(state["best_val"]), int(state["bad_evals"])
+        states = state.get("rng_states")
+        if states is not None and len(states) == dist_info.world_size:  # same rank count: continue exactly
+            set_rng_state(states[dist_info.rank], device)
+        elif dist_info.is_main:
+            log.warning("checkpoint has no random state for %d ranks: random draws restart from the seed",
+                        dist_info.world_size)
         if dist_info.is_main:
             log.info("resumed from %s at step %d (best val %.4f)", last_path, step, best_val)
         del state
@@ -426,7 +469,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
                          "regresses them: use val_metric=loss")
     runner: nn.Module = crit
     if dist_info.world_size > 1:
-        runner = nn.parallel.DistributedDataParallel(crit, device_ids=[device.index] if device.type == "cuda" else None)
+        # Without attention CNN3 gets no gradient (the ablations "no attention" and "neither").
+        runner = nn.parallel.DistributedDataParallel(
+            crit, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not model_config(model).get("attention", True))
     writer = None
     if dist_info.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -435,14 +481,29 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     val_batches = validation_batches(cfg) if dist_info.is_main else []
     val_ranking = None
     if dist_info.is_main and cfg.val_metric == "truth_rank":
+        import dataclasses
+
         from dmn_ros.evaluation.protocol import make_episode_set
 
         val_ranking = make_episode_set(cfg.data, split="val", num_episodes=cfg.val_episodes, num_contexts=RANK_NC,
                                        T=1, seed=20_000 + cfg.seed)
+        val_ranking = dataclasses.replace(val_ranking, scale=scale)  # the run's scale, as training normalizes
+    success_m = 8.94 * area / 40.0
 
     training_data = training_data_summary(meta, cfg.data)
 
-    def state_dict() -> dict[str, Any]:
+    def gathered_rng_states() -> list[dict[str, torch.Tensor]]:
+        """Every rank's random state (collective: all ranks call it at the same step)."""
+        mine = rng_state(device)
+        if dist_info.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * dist_info.world_size
+        dist.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
+        return states
+
+    def state_dict(rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
             "model_config": model_config(model),
@@ -454,7 +515,41 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             "area_size_m": area,
             "config": cfg.to_dict(),
             "training_data": training_data,
+            **({"rng_states": rng_states} if rng_states is not None else {}),
         }
+
+    def validate(at_step: int) -> float:
+        """Log the validation scalars; returns the checkpoint-selection score (lower is better)."""
+        assert writer is not None
+        val = evaluate_loss(crit, val_batches, device, success_m)
+        writer.add_scalar("val/loss", val["loss"], at_step)
+        writer.add_scalar("val/mse", val["mse"], at_step)
+        writer.add_scalar("val/rmse_m", math.sqrt(max(val["mse"], 0.0)) * scale.meters_per_unit, at_step)
+        writer.add_scalar("val/success", val["success"], at_step)
+        log.info("step %d val loss %.4f mse %.4f success %.3f (< %.2f m)", at_step, val["loss"], val["mse"],
+                 val["success"], success_m)
+        if val_ranking is None:
+            return val["loss"]
+        from dmn_ros.evaluation.ranking import truth_rank
+
+        model.eval()
+        rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device).mean())
+        writer.add_scalar("val/truth_rank", rank, at_step)
+        log.info("step %d val truth rank %.4f (Nc %d)", at_step, rank, RANK_NC)
+        if max(cfg.rank_positive_std) > 0:  # select on the basin the positives train, not the exact truth
+            rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device,
+                                    truth_std=cfg.rank_positive_std).mean())
+            writer.add_scalar("val/basin_rank", rank, at_step)
+            log.info("step %d val basin rank %.4f (truth jittered by %s)", at_step, rank, cfg.rank_positive_std)
+        f = cfg.rank_near_fraction
+        if f > 0:  # select on the same mix of negatives the rank term trains on
+            near = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device,
+                                    near_radius_m=cfg.rank_near_radius_m).mean())
+            writer.add_scalar("val/truth_rank_near", near, at_step)
+            log.info("step %d val truth rank near %.4f (%g-%g m)", at_step, near, *cfg.rank_near_radius_m)
+            rank = (1 - f) * rank + f * near
+        model.train()
+        return -rank
 
     from tqdm import tqdm
 
@@ -479,15 +574,21 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
     if threading.current_thread() is threading.main_thread():
         old_handlers = {sig: signal.signal(sig, _graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     ema = None
+    if bad_evals >= cfg.patience:  # resuming a run that already stopped early: export, don't train on
+        stop = True
+        if dist_info.is_main:
+            log.info("the run stopped early at step %d (%d evaluations without improvement, patience %d): "
+                     "exporting only; raise patience= to train on", step, bad_evals, cfg.patience)
     while step < cfg.max_steps and not stop:
         new_stage = cfg.stage_at(step)
         if new_stage != stage:
             stage = new_stage
+            stage_start = cfg.stage_start(step)
             ds = EpisodeDataset(
                 cfg.data, "train", num_contexts=stage.num_contexts, T=cfg.T, batch_size=cfg.batch_size,
                 query_mode=cfg.query_mode, context_mode=stage.context_mode, near_radius_m=stage.near_radius_m,
                 near_yaw_deg=stage.near_yaw_deg, far_fraction=stage.far_fraction, odom_noise=cfg.odom_noise,
-                seed=cfg.seed * 1_000_003 + step * 101 + dist_info.rank,
+                seed=cfg.seed * 1_000_003 + stage_start * 101 + dist_info.rank, first_batch=step - stage_start,
             )
             stream = iter(ds)
             if dist_info.is_main:
@@ -511,61 +612,55 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Pa
             writer.add_scalar("train/mse", float(mse), step)
             writer.add_scalar("train/grad_norm", float(gnorm), step)
             writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+        improved = False
         if dist_info.is_main and step % cfg.val_every == 0:
-            val = evaluate_loss(crit, val_batches, device)
-            writer.add_scalar("val/loss", val["loss"], step)
-            writer.add_scalar("val/mse", val["mse"], step)
-            writer.add_scalar("val/rmse_m", math.sqrt(max(val["mse"], 0.0)) * scale.meters_per_unit, step)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                score = validate(step)  # validation never shifts the training run's random stream
             final_stage = stage == cfg.curriculum[-1]
-            score = val["loss"]  # lower is better
-            if val_ranking is not None:
-                from dmn_ros.evaluation.ranking import truth_rank
-
-                model.eval()
-                rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device).mean())
-                writer.add_scalar("val/truth_rank", rank, step)
-                log.info("step %d val truth rank %.4f (Nc %d)", step, rank, RANK_NC)
-                if max(cfg.rank_positive_std) > 0:  # select on the basin the positives train, not the exact truth
-                    rank = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device,
-                                            truth_std=cfg.rank_positive_std).mean())
-                    writer.add_scalar("val/basin_rank", rank, step)
-                    log.info("step %d val basin rank %.4f (truth jittered by %s)", step, rank, cfg.rank_positive_std)
-                f = cfg.rank_near_fraction
-                if f > 0:  # select on the same mix of negatives the rank term trains on
-                    near = float(truth_rank(model, val_ranking, num_contexts=RANK_NC, device=device,
-                                            near_radius_m=cfg.rank_near_radius_m).mean())
-                    writer.add_scalar("val/truth_rank_near", near, step)
-                    log.info("step %d val truth rank near %.4f (%g-%g m)", step, near, *cfg.rank_near_radius_m)
-                    rank = (1 - f) * rank + f * near
-                model.train()
-                score = -rank
             if score < best_val:
-                best_val, bad_evals = score, 0
-                save_checkpoint(out / CHECKPOINT_BEST, state_dict())
+                best_val, bad_evals, improved = score, 0, True
             elif final_stage:  # patience counts only once the paper's protocol is being trained
                 bad_evals += 1
-            log.info("step %d val loss %.4f mse %.4f (best %s %.4f, bad %d)", step, val["loss"], val["mse"],
-                     cfg.val_metric, abs(best_val) if val_ranking is not None else best_val, bad_evals)
+            log.info("step %d (best %s %.4f, bad %d)", step, cfg.val_metric,
+                     abs(best_val) if val_ranking is not None else best_val, bad_evals)
             if bad_evals >= cfg.patience:
                 log.info("early stop: no validation improvement in %d evaluations", cfg.patience)
                 stop = True
         if (time.monotonic() - start) / 60.0 > cfg.max_minutes or interrupted["flag"]:
             stop = True
-        if dist_info.is_main and (stop or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60.0):
-            save_checkpoint(last_path, state_dict())
-            last_ckpt = time.monotonic()
-        if dist_info.world_size > 1:
+        # checkpoint_last is written with every new best too, so a kill between the two never resumes
+        # with a stale best_val or patience count.
+        save = dist_info.is_main and (stop or improved or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60.0)
+        if dist_info.world_size > 1:  # every rank learns of a stop or a save (the random states are gathered)
             import torch.distributed as dist
 
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag)
-            stop = bool(flag.item() > 0)
+            flags = torch.tensor([float(stop), float(save)], device=device)
+            dist.all_reduce(flags)
+            stop, save = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        if save:
+            ckpt = state_dict(gathered_rng_states())
+            if dist_info.is_main:
+                if improved:
+                    save_checkpoint(out / CHECKPOINT_BEST, ckpt)
+                save_checkpoint(last_path, ckpt)
+                last_ckpt = time.monotonic()
     bar.close()
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
     exported = out / "model.pt"
+    final_states = gathered_rng_states()
+    if dist_info.world_size > 1 and step > 0:  # DDP keeps the ranks' weights equal; say so in the log
+        import torch.distributed as dist
+
+        digests: list[Any] = [None] * dist_info.world_size
+        dist.all_gather_object(digests, weights_digest(model))
+        if dist_info.is_main:
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"the ranks' weights differ after step {step}: digests {digests}")
+            log.info("all %d ranks hold identical weights at step %d (digest %s)", dist_info.world_size, step,
+                     digests[0])
     if dist_info.is_main:
-        save_checkpoint(last_path, state_dict())
+        save_checkpoint(last_path, state_dict(final_states))
         best = out / CHECKPOINT_BEST
         src = load_checkpoint(best if best.is_file() else last_path)
         info = export_model(model_from_checkpoint(src), exported, meters_per_unit=scale.meters_per_unit,
