@@ -566,3 +566,51 @@ def test_outputs_are_replaced_atomically(tmp_path):
     plot_error(png, times=np.arange(3.0), errors=np.ones(3), threshold_m=0.5)
     assert png.stat().st_ino != first and png.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["error.png", "estimate.tum", "estimate.tum.tmp"]
+
+
+def test_cut_zstd_compressed_mcap_recovers_its_complete_chunks(tmp_path, monkeypatch):
+    """rosbag2 usually zstd-compresses mcap chunks. A recording cut inside its third chunk gives back the
+    messages of the first two (the scan used to import ``zstandard``, which nothing installs, and recovered
+    none), and a missing zstd module is reported as such, not as damage."""
+    import struct
+    import sys
+
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
+
+    from dmn_ros.bags import reader
+    from dmn_ros.bags.reader import iter_raw_messages
+
+    ts, name = typestore(), "sensor_msgs/msg/CompressedImage"
+    img, header, stamp = ts.types[name], ts.types["std_msgs/msg/Header"], ts.types["builtin_interfaces/msg/Time"]
+    bag = tmp_path / "zstd_cut"
+    w = Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    w.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    with w:  # rosbags closes a chunk past 1 MiB: chunks of messages 0-2, 3-5, 6-7
+        conns = [w.add_connection(t, name, typestore=ts) for t in ("/a", "/b")]
+        for i in range(8):
+            m = img(header=header(stamp=stamp(sec=100 + i, nanosec=i), frame_id="cam"), format="raw",
+                    data=np.full(400_000, i, np.uint8))
+            w.write(conns[i % 2], 10**9 * i, ts.serialize_cdr(m, name))
+    f = next(bag.glob("*.mcap"))
+    data = f.read_bytes()
+    pos, chunks = 8, []
+    while pos + 9 <= len(data):
+        op, length = struct.unpack_from("<BQ", data, pos)
+        if op == 0x06:
+            chunks.append((pos, length, data[pos + 9 + 32: pos + 9 + 36]))
+        pos += 9 + length
+    assert len(chunks) == 3 and all(c[2] == b"zstd" for c in chunks)
+    f.write_bytes(data[: chunks[2][0] + 9 + chunks[2][1] - 5])  # cut inside the third chunk's data
+    msgs, note = iter_raw_messages(bag)
+    assert [(m.topic, m.log_time_ns) for m in msgs] == [("/a" if i % 2 == 0 else "/b", 10**9 * i) for i in range(6)]
+    stamps = [ts.deserialize_cdr(m.data, m.msgtype).header.stamp for m in msgs]
+    assert [(s.sec, s.nanosec) for s in stamps] == [(100 + i, i) for i in range(6)]
+    assert "zstd_cut" in note and "after 6 messages" in note and "compressed chunk cut" in note
+    # no zstd module at all: a clear note (after the messages before the first compressed chunk), not a crash
+    for mod in ("compression.zstd", "backports.zstd", "zstandard"):
+        monkeypatch.setitem(sys.modules, mod, None)
+        parent = sys.modules.get(mod.rpartition(".")[0])
+        if parent is not None:
+            monkeypatch.delattr(parent, "zstd", raising=False)
+    msgs, note = reader._scan_mcap(f)
+    assert msgs == [] and "no zstd module is installed" in note and "after 0 messages" in note

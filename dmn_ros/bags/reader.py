@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,56 @@ def _mcap_str(b: io.BytesIO) -> str:
     return b.read(n).decode()
 
 
+class _NoDecompressor(Exception):
+    """A chunk uses a compression that no installed module can decompress (not damage)."""
+
+
+def _zstd_decompressor() -> Callable[[bytes, int], bytes]:
+    """zstd as rosbags itself gets it: the stdlib ``compression.zstd`` (Python >= 3.14), else
+    ``backports.zstd`` (what recent rosbags, e.g. 0.11.9, require below 3.14), else ``zstandard``
+    (what rosbags 0.10.0-0.11.0 require)."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[no-redef]
+        except ImportError:
+            zstd = None
+    if zstd is not None:
+        return lambda data, _size: zstd.decompress(data)
+    try:
+        import zstandard
+    except ImportError:
+        raise _NoDecompressor("its chunks are zstd-compressed and no zstd module is installed "
+                              "(compression.zstd, backports.zstd or zstandard)") from None
+    return lambda data, size: zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+
+
+def _lz4_decompressor() -> Callable[[bytes, int], bytes]:
+    try:
+        import lz4.frame
+    except ImportError:
+        raise _NoDecompressor("its chunks are lz4-compressed and the lz4 module is not installed") from None
+    return lambda data, _size: lz4.frame.decompress(data)
+
+
+_DECOMPRESSORS = {"zstd": _zstd_decompressor, "lz4": _lz4_decompressor}
+
+
+def _decompress_chunk(compression: str, payload: bytes, size: int) -> bytes:
+    """The records of a complete compressed chunk; EOFError when its data does not decompress."""
+    if compression not in _DECOMPRESSORS:
+        raise _NoDecompressor(f"unsupported chunk compression {compression!r} (readable: zstd, lz4)")
+    decompress = _DECOMPRESSORS[compression]()
+    try:
+        out = decompress(payload, size)
+    except Exception as exc:  # each module has its own error type (ZstdError, RuntimeError, ...)
+        raise EOFError(f"{compression} chunk does not decompress: {exc}") from exc
+    if len(out) != size:
+        raise EOFError(f"{compression} chunk decompressed to {len(out)} bytes, expected {size}")
+    return out
+
+
 def _scan_mcap(file: Path) -> tuple[list[RawMessage], str | None]:
     """Forward scan of an mcap file's records; returns the messages before the first damage and why it stopped."""
     data = file.read_bytes()
@@ -132,23 +182,15 @@ def _scan_mcap(file: Path) -> tuple[list[RawMessage], str | None]:
                 topic, msgtype = channels[cid]
                 out.append(RawMessage(topic, msgtype, log_time, body[22:]))
         elif op == 0x06:  # Chunk
-            b.read(24)
+            _start, _end, uncompressed_size = struct.unpack("<QQQ", b.read(24))
             (_crc,) = struct.unpack("<I", b.read(4))
             compression = _mcap_str(b)
             (n,) = struct.unpack("<Q", b.read(8))
             payload = b.read(n)
             if len(payload) < n and compression:
                 raise EOFError(f"compressed chunk cut after {len(payload)} of {n} bytes")
-            if compression == "zstd":
-                import zstandard
-
-                payload = zstandard.ZstdDecompressor().decompress(payload)
-            elif compression == "lz4":
-                import lz4.frame
-
-                payload = lz4.frame.decompress(payload)
-            elif compression:
-                raise EOFError(f"unsupported chunk compression {compression!r}")
+            if compression:
+                payload = _decompress_chunk(compression, payload, uncompressed_size)
             for op2, body2 in records(payload, 0):
                 handle(op2, body2)
             if len(payload) < n:
@@ -159,7 +201,9 @@ def _scan_mcap(file: Path) -> tuple[list[RawMessage], str | None]:
             if op == 0x02:  # Footer: the file is complete
                 return out, None
             handle(op, body)
-    except (EOFError, struct.error, ImportError, UnicodeDecodeError) as exc:
+    except _NoDecompressor as exc:
+        return out, f"{file}: read stopped after {len(out)} messages: {exc}"
+    except (EOFError, struct.error, UnicodeDecodeError) as exc:
         return out, f"{file}: truncated or damaged after {len(out)} messages ({exc})"
     return out, f"{file}: ends without an mcap footer after {len(out)} messages (truncated)"
 
