@@ -8,7 +8,8 @@ publishes ``/clock``, the other nodes' time source). Parameters come from
 Here (pip-installed ROS, no ``launch``) ``make demo`` composes the same nodes with the
 same YAML in one process instead (``dmn_ros/demo.py``).
 
-With a ``namespace`` (one robot of a fleet, ``docs/multirobot.md``) the YAML's plain
+In a namespace (the ``namespace`` argument, one robot of a fleet, ``docs/multirobot.md``, or
+an enclosing ``PushROSNamespace``/``GroupAction`` that includes this file) the YAML's plain
 ``mapping_node:`` sections would not match ``/robot1/mapping_node``, so each node then
 gets its merged sections as a parameter dict instead of the file.
 """
@@ -45,6 +46,14 @@ def _params_for(params_file: str, name: str, namespace: str) -> dict:
     return out
 
 
+def _effective_namespace(ros_namespace: str, namespace: str) -> str:
+    """The nodes' namespace as launch_ros resolves it (``prefix_namespace``), without slashes at the ends:
+    ``namespace`` if absolute, else ``ros_namespace/namespace``; ``""`` for the root namespace."""
+    if namespace.startswith("/"):
+        return namespace.strip("/")
+    return "/".join(p for p in (ros_namespace.strip("/"), namespace.strip("/")) if p)
+
+
 def _nodes(context, *_args, **_kwargs) -> list:
     """Built at launch time so that empty ``model``/``map_file`` arguments leave the YAML's values alone."""
     cfg = context.launch_configurations
@@ -57,10 +66,13 @@ def _nodes(context, *_args, **_kwargs) -> list:
     if cfg["map_file"]:
         map_over["map_file"] = cfg["map_file"]
     namespace = cfg["namespace"]
+    # Where the nodes end up: launch_ros prefixes a relative ``namespace`` with the enclosing
+    # PushROSNamespace's (the ``ros_namespace`` configuration); an absolute one stands alone.
+    effective_ns = _effective_namespace(cfg.get("ros_namespace") or "", namespace)
 
     def params(name: str, over: dict) -> list:
-        if namespace.strip("/"):
-            return [_params_for(params_file, name, namespace), over]
+        if effective_ns:
+            return [_params_for(params_file, name, effective_ns), over]
         return [params_file, over]
 
     common = {

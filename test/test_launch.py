@@ -124,6 +124,54 @@ def test_demo_with_sim_time_makes_sim_node_publish_clock(monkeypatch, namespace)
     sim = merged(_launched_nodes(monkeypatch, demo="true", namespace=namespace), "sim_node")
     assert sim["use_sim_time"] is False and sim["publish_clock"] is False  # the YAML's value
 
+def _rcl_params(parameters: list, fqn: str) -> dict:
+    """What a node named ``fqn`` gets from a launch ``parameters`` list, matched as rcl matches YAML node keys:
+    a key without a leading ``/`` is absolute (``mapping_node`` is ``/mapping_node``), ``/**`` any namespaces,
+    ``*`` one name. Dicts apply as they are (launch_ros writes them under the node's own name)."""
+    out: dict = {}
+    for p in parameters:
+        if not isinstance(p, str):
+            out.update(p)
+            continue
+        for key, section in (yaml.safe_load(Path(p).read_text()) or {}).items():
+            key = key if key.startswith("/") else "/" + key
+            pattern = re.escape(key).replace(r"/\*\*", "(/[^/]+)*").replace(r"\*", "[^/]+")
+            if re.fullmatch(pattern, fqn):
+                out.update(_flatten((section or {}).get("ros__parameters") or {}))
+    return out
+
+
+@pytest.mark.parametrize(("ros_namespace", "namespace", "node_ns"), [
+    (None, "", ""),  # not namespaced: the file as it is
+    (None, "robot1", "/robot1"),  # namespace:=robot1
+    ("/robot1", "", "/robot1"),  # included under PushROSNamespace('robot1'), the usual fleet launch
+    ("/fleet", "robot1", "/fleet/robot1"),  # both: launch_ros prefixes the relative namespace
+    ("/fleet", "/robot1", "/robot1"),  # an absolute namespace ignores the enclosing one
+])
+def test_namespaced_nodes_get_their_yaml_sections(monkeypatch, tmp_path, ros_namespace, namespace, node_ns):
+    """Wherever the nodes end up, each gets its plain ``<node>:`` section, ``/**`` and its own full-name section;
+    rcl would apply a plain ``mapping_node:`` only to ``/mapping_node``."""
+    fleet = tmp_path / "fleet.yaml"
+    doc = {
+        "/**": {"ros__parameters": {"device": "cpu"}},
+        "mapping_node": {"ros__parameters": {"share_contexts": True, "max_contexts": 7}},
+        "localization_node": {"ros__parameters": {"max_particles": 99, "health": {"lost_ratio": 0.1}}},
+    }
+    if node_ns:  # a per-robot section (docs/multirobot.md); in the root namespace it is the plain one
+        doc[f"{node_ns}/mapping_node"] = {"ros__parameters": {"max_contexts": 8}}
+    fleet.write_text(yaml.safe_dump(doc, sort_keys=False))
+    args = {"params_file": str(fleet), "namespace": namespace}
+    if ros_namespace is not None:
+        args["ros_namespace"] = ros_namespace
+    nodes = _launched_nodes(monkeypatch, **args)
+    mapping = _rcl_params(nodes["mapping_node"], f"{node_ns}/mapping_node")
+    assert mapping["share_contexts"] is True and mapping["device"] == "cpu"
+    assert mapping["max_contexts"] == (8 if node_ns else 7)  # the node's full-name section wins over the plain one
+    loc = _rcl_params(nodes["localization_node"], f"{node_ns}/localization_node")
+    assert loc["max_particles"] == 99 and loc["health.lost_ratio"] == 0.1 and loc["device"] == "cpu"
+    assert loc["use_sim_time"] is False  # the launch argument's override
+
+
 def test_yaml_covers_every_declared_parameter_and_nothing_else():
     doc = yaml.safe_load(YAML.read_text())
     assert set(_flatten(doc["/**"]["ros__parameters"])) <= set(params.COMMON) | {"use_sim_time"}
@@ -238,3 +286,26 @@ def test_robot_install_covers_every_runtime_dependency():
     for pkg in (r for r in requires if not r.startswith("ros-")):
         name = alias.get(pkg, pkg)
         assert {f"python3-{name}", f"python3-{name}-pip"} & keys or pkg in pip_line, pkg
+
+
+def test_package_xml_declares_what_the_code_and_tests_import():
+    """rosdep installs what the nodes, the launch file, the renderer and ``colcon test`` need, by the right keys."""
+    xml = (ROOT / "package.xml").read_text()
+    exec_keys = set(re.findall(r"<exec_depend>([\w-]+)</exec_depend>", xml))
+    test_keys = set(re.findall(r"<test_depend>([\w-]+)</test_depend>", xml))
+    sources = [p.read_text() for p in [*(ROOT / "dmn_ros").rglob("*.py"), *(ROOT / "launch").glob("*.py")]]
+
+    def imported(module: str) -> bool:
+        return any(re.search(rf"^\s*(from|import) {module}\b", s, re.MULTILINE) for s in sources)
+
+    # The Python tf2_ros module comes from tf2_ros_py; the tf2_ros key is the C++ package (no map->odom without it).
+    assert imported("tf2_ros") and "tf2_ros_py" in exec_keys and "tf2_ros" not in exec_keys
+    assert imported("ament_index_python") and "ament_index_python" in exec_keys
+    # The worlds' renderer (demo:=true, sim_node) defaults to Mesa's off-screen GL.
+    assert 'setdefault("MUJOCO_GL", "osmesa")' in (ROOT / "dmn_ros" / "worlds" / "renderer.py").read_text()
+    assert "libosmesa6-dev" in exec_keys
+    # colcon test: the dev extra's test tools (not the linter), nothing unused.
+    setup = (ROOT / "setup.py").read_text()
+    dev = re.findall(r'"([A-Za-z][\w-]*)[<>=!\d.,]*"', re.search(r'"dev":\s*\[([^\]]*)\]', setup).group(1))
+    assert "hypothesis" in dev and "pytest-timeout" in dev
+    assert test_keys == {f"python3-{p}" for p in dev if p != "ruff"}
