@@ -9,7 +9,6 @@ paper's: x-y error under 8.94 m scaled by area/40 m.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import threading
@@ -21,7 +20,6 @@ import numpy as np
 
 from dmn_ros.data.dataset_format import SPLIT_SEED_OFFSETS
 from dmn_ros.errors import console_main
-from dmn_ros.files import atomic_save_figure
 
 TEST_SEED_OFFSET = SPLIT_SEED_OFFSETS["test"]
 """Worlds of the test split (never trained on)."""
@@ -55,37 +53,12 @@ def default_params_file() -> Path:
     return package_share_file("config", "dmn_localize.yaml")
 
 
-def _plot(path: Path, world: Any, frames: list[dict[str, Any]], contexts: np.ndarray, title: str) -> None:
-    import matplotlib
+def _plot(path: Path, world: Any, frames: list[Any], contexts: np.ndarray, title: str) -> None:
+    """The episode's belief row over the world's occupancy grid (``evaluation.belief_plot.plot_belief_row``)."""
+    from dmn_ros.evaluation.belief_plot import plot_belief_row
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    occ = world.occupancy(0.25)
-    xmin, xmax, ymin, ymax = world.bounds
-    n = len(frames)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
-    truth_path = np.array([f["truth"] for f in frames])
-    for ax, f in zip(axes[0], frames, strict=True):
-        ax.imshow(occ, origin="lower", extent=(xmin, xmax, ymin, ymax), cmap="Greys", alpha=0.6)
-        w = f["weights"]
-        order = np.argsort(w)
-        ax.scatter(f["particles"][order, 0], f["particles"][order, 1], c=w[order], s=3, cmap="viridis")
-        ax.scatter(contexts[:, 0], contexts[:, 1], marker="^", c="tab:blue", s=18, label="contexts")
-        ax.plot(truth_path[: f["t"], 0], truth_path[: f["t"], 1], "-", c="tab:red", lw=1)
-        for pose, col, lab in ((f["truth"], "tab:red", "truth"), (f["estimate"], "tab:orange", "estimate")):
-            ax.arrow(pose[0], pose[1], 1.8 * math.cos(pose[2]), 1.8 * math.sin(pose[2]), color=col,
-                     width=0.25, label=lab)
-        ax.set_title(f"t={f['t']}  err {f['error']:.1f} m", fontsize=9)
-        ax.set_xlim(xmin, xmax)
-        ax.set_ylim(ymin, ymax)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=6)
-    axes[0][0].legend(fontsize=6, loc="lower left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=90)
-    plt.close(fig)
+    plot_belief_row(path, frames, bounds=tuple(world.bounds), contexts=contexts, title=title,
+                    occupancy=world.occupancy(0.25))
 
 
 @console_main("dmn-demo")
@@ -106,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from dmn_ros.errors import ModelLoadError
+    from dmn_ros.evaluation.belief_plot import BeliefFrame
     from dmn_ros.export import default_model_path, load_model, training_domain
     from dmn_ros.localizer import resolve_device
 
@@ -202,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             sim.publish_contexts()
             wait(lambda n=n_ctx: loc.localizer.has_map and len(loc.localizer.view_map) == n, "map at localizer")
             call(Empty, "reinitialize_global_localization")
-            frames: list[dict[str, Any]] = []
+            frames: list[BeliefFrame] = []
             ok: list[bool] = []
             for t in range(1, args.steps + 1):
                 done = loc.counters["processed"]
@@ -214,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 err = float(np.hypot(*(est[:2] - truth[:2])))
                 e = loc.last_estimate
                 ok.append(err < threshold)
-                frames.append({"t": t, "truth": truth, "estimate": est, "error": err,
-                               "particles": loc.localizer.particles_metric(), "weights": loc.localizer.weights()})
+                frames.append(BeliefFrame(t=t, particles=loc.localizer.particles_metric(),
+                                          weights=loc.localizer.weights(), truth=truth, estimate=est, error=err))
                 conv = "yes" if e.health is not None and e.health.converged else "no"
                 print(f"{ep:>7} {seed:>9} {t:>4} {err:>9.2f} {('yes' if ok[-1] else 'no'):>7} "
                       f"{e.spread:>8.2f} {conv:>9} {e.ess:>6.0f} {e.latency_ms:>10.0f}", flush=True)

@@ -4,6 +4,11 @@ With ``--health`` (the default) the same global and tracking filter runs also ke
 converged / lost flags (:func:`~dmn_ros.evaluation.health_metrics.collect_runs`, bit-identical errors to
 ``run_filter``), and the results add 95 % ellipse coverage, mean NEES, time to converge and the
 false-``lost`` rate (docs/health.md).
+
+Tracking: every compared method and the uninformed baseline start from the tracking prior means that
+the first ``--model``'s filter draws (:func:`~dmn_ros.evaluation.protocol.tracking_prior_means`); the
+``--model`` runs keep their own draws (the same ones for the first model), so their figures do not move.
+``--belief-pictures N`` draws the first N global episodes' beliefs (paper Fig. 5) from that same run.
 """
 
 from __future__ import annotations
@@ -18,19 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
+from dmn_ros.data import DatasetDir
 from dmn_ros.data.episodes import QueryMode
 from dmn_ros.errors import console_main
+from dmn_ros.evaluation.belief_plot import plot_belief_row, steps_to_draw
 from dmn_ros.evaluation.health_metrics import COVERAGE_FROM_INDEX, Runs, collect_runs, time_to_converge
 from dmn_ros.evaluation.protocol import (
     EpisodeSet,
     EvalSettings,
+    belief_frames,
     closest_context_errors,
     make_episode_set,
+    regression_prior_means,
     rmse,
     run_filter,
     run_regression,
     success_rate,
     success_threshold_m,
+    tracking_prior_means,
     uninformed_errors,
 )
 from dmn_ros.evaluation.ranking import truth_rank
@@ -64,16 +74,54 @@ def _independent_frames(eps: EpisodeSet) -> bool:
     return eps.description.get("query_mode") == QueryMode.RANDOM_ORDER.value
 
 
-def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: str) -> np.ndarray:
+def _calibrated(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings) -> EvalSettings:
+    """``settings`` with the log-likelihood temperature this model carries for ``eps``'s query stream."""
+    return dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(
+        model.info.config, independent_frames=_independent_frames(eps)))
+
+
+def _run(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: str, *,
+         prior_means_m: np.ndarray | None = None) -> np.ndarray:
     """The filter as the node runs this model: its metric scale and its stored calibration.
 
     The regression baseline has no filter: it runs :func:`run_regression` on the same episodes.
+    ``prior_means_m``: tracking starts from these metric prior means instead of the model's own draws.
     """
     if model_kind(model.info.config) == "regression":
-        return run_regression(model.module, _in_model_scale(eps, model), settings, device=device)
-    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(
-        model.info.config, independent_frames=_independent_frames(eps)))
-    return run_filter(model.module, _in_model_scale(eps, model), settings, device=device)
+        return run_regression(model.module, _in_model_scale(eps, model), settings, device=device,
+                              prior_means_m=prior_means_m)
+    return run_filter(model.module, _in_model_scale(eps, model), _calibrated(model, eps, settings), device=device,
+                      prior_means_m=prior_means_m)
+
+
+def _tracking_prior_means(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, device: str) -> np.ndarray:
+    """``(E, 3)`` metric tracking prior means that :func:`_run` draws for this model: what the baselines start from."""
+    if model_kind(model.info.config) == "regression":
+        return regression_prior_means(_in_model_scale(eps, model), settings, device=device)
+    return tracking_prior_means(model.module, _in_model_scale(eps, model), _calibrated(model, eps, settings),
+                                device=device)
+
+
+def _belief_pictures(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings, *, data: str, num: int,
+                     num_contexts: int, out: Path, label: str, device: str) -> list[str]:
+    """PNG rows of the first ``num`` global episodes' beliefs (from the run :func:`_run` scores); their names.
+
+    The dataset stores views, not maps, so there is no occupancy grid: the other stored views' positions
+    stand in for the free space.
+    """
+    steps = steps_to_draw(settings.T)
+    frames = belief_frames(model.module, _in_model_scale(eps, model), _calibrated(model, eps, settings),
+                           num_episodes=num, steps=steps, device=device)
+    ds = DatasetDir(data)
+    names = []
+    for i, row in enumerate(frames):
+        e = eps.episodes[i]
+        name = f"belief_episode_{i:02d}.png"
+        plot_belief_row(out / name, row, bounds=eps.bounds, contexts=e.context_poses[:num_contexts],
+                        truth_path=e.query_poses[: settings.T], view_positions=ds.load_env(e.env_id).poses,
+                        title=f"{label}, episode {i} ({e.env_id}): global localization, K={settings.num_particles}")
+        names.append(name)
+    return names
 
 
 def _run_with_health(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings,
@@ -81,9 +129,7 @@ def _run_with_health(model: LoadedModel, eps: EpisodeSet, settings: EvalSettings
     """:func:`_run`'s errors plus the health outputs of the very same filter run (None for regression)."""
     if model_kind(model.info.config) == "regression":
         return _run(model, eps, settings, device), None
-    settings = dataclasses.replace(settings, likelihood_scale=model_likelihood_scale(
-        model.info.config, independent_frames=_independent_frames(eps)))
-    runs = collect_runs(model.module, _in_model_scale(eps, model), settings, device=device)
+    runs = collect_runs(model.module, _in_model_scale(eps, model), _calibrated(model, eps, settings), device=device)
     return runs.errors_m, runs
 
 
@@ -171,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                         "this radius (nav2_amcl's estimate, the localization node's cluster_radius)")
     p.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
                    help="also report coverage, NEES, time to converge and false-lost rate from the same runs")
+    p.add_argument("--belief-pictures", type=int, default=2, metavar="N",
+                   help="draw the beliefs of the first N global-localization episodes at t = 1, 2, 5 and T "
+                        "(the paper's Fig. 5: weights summed over yaw, contexts, true pose, estimate) into "
+                        "belief_episode_*.png; 0: none")
     args = p.parse_args(argv)
+    if args.belief_pictures < 0:
+        raise SystemExit("--belief-pictures: expected N >= 0")
 
     import matplotlib
 
@@ -209,25 +261,25 @@ def main(argv: list[str] | None = None) -> int:
 
     cr = args.cluster_radius_m
     t0 = time.monotonic()
-    glob, glob_runs = per_model_health(EvalSettings(mode="global", num_particles=args.k_global, T=T,
-                                                    num_contexts=args.nc, seed=args.seed, cluster_radius_m=cr))
-    trk, trk_runs = per_model_health(EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5,
-                                                  num_contexts=args.nc, seed=args.seed, cluster_radius_m=cr))
-    succ = np.stack([success_rate(e, thr) for e in glob])  # (S, T)
-    trk_rmse = np.stack([rmse(e) for e in trk])  # (S, 5)
-    cc = closest_context_errors(eps, num_contexts=args.nc, T=T)
-    un_g = uninformed_errors(eps, EvalSettings(mode="global", T=T, seed=args.seed))
-    un_t = uninformed_errors(eps, EvalSettings(mode="tracking", T=5, seed=args.seed))
-
     g_set = EvalSettings(mode="global", num_particles=args.k_global, T=T, num_contexts=args.nc, seed=args.seed,
                          cluster_radius_m=cr)
     t_set = EvalSettings(mode="tracking", num_particles=args.k_tracking, T=5, num_contexts=args.nc, seed=args.seed,
                          cluster_radius_m=cr)
+    glob, glob_runs = per_model_health(g_set)
+    trk, trk_runs = per_model_health(t_set)
+    # The tracking prior means the first --model drew: every other method and baseline starts from them.
+    prior_means = _tracking_prior_means(models[0], eps, t_set, args.device)
+    succ = np.stack([success_rate(e, thr) for e in glob])  # (S, T)
+    trk_rmse = np.stack([rmse(e) for e in trk])  # (S, 5)
+    cc = closest_context_errors(eps, num_contexts=args.nc, T=T)
+    un_g = uninformed_errors(eps, EvalSettings(mode="global", T=T, seed=args.seed))
+    un_t = uninformed_errors(eps, EvalSettings(mode="tracking", T=5, seed=args.seed), prior_means_m=prior_means)
+
     other: dict[str, dict[str, object]] = {}
     other_rows = []
-    for name, ms in compared:  # the same episodes, settings and seed as --model
+    for name, ms in compared:  # the same episodes, settings, seed and tracking prior means as --model
         o_succ = np.stack([success_rate(_run(m, eps, g_set, args.device), thr) for m in ms])
-        o_rmse = np.stack([rmse(_run(m, eps, t_set, args.device)) for m in ms])
+        o_rmse = np.stack([rmse(_run(m, eps, t_set, args.device, prior_means_m=prior_means)) for m in ms])
         other[name] = {"models": [m.path for m in ms], "fingerprints": [m.info.fingerprint for m in ms],
                        "global_success": o_succ.mean(0).tolist(), "tracking_rmse_m": o_rmse.mean(0).tolist()}
         other_rows.append((name, f"{100 * o_succ[:, 0].mean():.1f}", f"{100 * o_succ[:, 4].mean():.1f}",
@@ -245,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{len(eps.episodes)} episodes x {len(models)} model seed(s); area {eps.area_size_m:.0f} m; "
         f"success = x-y error < {thr:.2f} m; global K = {args.k_global}, tracking K = {args.k_tracking} "
-        f"(σ 6 m / 30°, prior mean drawn around the truth); systematic resampling at ESS < K/2; "
+        "(σ 6 m / 30°, prior mean drawn around the truth by the first model's filter; every other method and "
+        "baseline starts from the same means); systematic resampling at ESS < K/2; "
         f"odometry noise {eps.description['odom_noise']} (m, rad per step); estimate: "
         + (f"heaviest {cr:g} m cluster (nav2_amcl)." if cr > 0 else "weighted mean (the paper's).")
         + " Log-likelihood temperature "
@@ -278,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "closest_context_success": success_rate(cc, thr).tolist(),
         "uninformed_global_success": success_rate(un_g, thr).tolist(),
         "uninformed_tracking_rmse_m": rmse(un_t).tolist(),
+        "tracking_prior_means_m": prior_means.round(6).tolist(),
         "episode_set": eps.description,
     }
     if other:
@@ -380,6 +434,20 @@ def main(argv: list[str] | None = None) -> int:
         ]
         summary["baseline"] = {"model": base.path, "fingerprint": base.info.fingerprint,
                                "global_success": b_succ.tolist(), "tracking_rmse_m": b_rmse.tolist()}
+
+    if args.belief_pictures and model_kind(models[0].info.config) in PARTICLE_FILTER_KINDS:
+        pics = _belief_pictures(models[0], eps, g_set, data=args.data, num=args.belief_pictures, num_contexts=args.nc,
+                                out=out, label=label, device=args.device)
+        summary["belief_pictures"] = pics
+        cell = (eps.bounds[1] - eps.bounds[0]) / 40
+        md += ["", f"Belief pictures (the paper's Fig. 5; {label}, global localization, K = {args.k_global}, the "
+               f"first {len(pics)} episodes of the run above, t = {', '.join(map(str, steps_to_draw(T)))}): "
+               f"particle weights after each step's update summed over yaw in {cell:g} m cells (square-root colour "
+               "scale), contexts (blue triangles), true path and pose (red), estimate (orange); grey dots are the "
+               "environment's other stored views (the dataset stores no map). "
+               + ", ".join(f"[{n}]({n})" for n in pics)]
+    elif args.belief_pictures:
+        md += ["", f"Belief pictures: not available for {label} (no particles)."]
 
     md.append(f"\nwall time {time.monotonic() - t0:.0f} s on {args.device}")
     atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())

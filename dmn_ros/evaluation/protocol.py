@@ -3,16 +3,19 @@
 * Global localization: uniform prior over the area and all yaws, K = 2048;
   success = x-y error < 8.94 m in a 40 m area (scaled with the area's side).
 * Tracking: Gaussian prior σ 6 m / 30° whose *mean* is itself drawn around the
-  true first pose, K = 256; RMSE of the x-y error at t = 5.
+  true first pose, K = 256; RMSE of the x-y error at t = 5. The filter draws those means
+  (:func:`tracking_prior_means` reads them back); the baselines take the same ones
+  (``prior_means_m``), so every method starts tracking from the same guess.
 * Inference resampling: systematic, when ESS < K/2 (every number here used it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +26,9 @@ from dmn_ros.filter import FilterConfig, encode_map, filter_step, init_gaussian,
 from dmn_ros.filter.runner import ObservationModel, StepResult
 from dmn_ros.geometry import MetricScale, compose
 from dmn_ros.images import to_tensor
+
+if TYPE_CHECKING:
+    from dmn_ros.evaluation.belief_plot import BeliefFrame
 
 PAPER_SUCCESS_M = 8.94  # sqrt(80 m²) in the paper's 40 m × 40 m environments
 PAPER_AREA_M = 40.0
@@ -113,6 +119,19 @@ class EpisodeBatch(NamedTuple):
     """``(B, T, 3)``."""
     truth: np.ndarray
     """``(B, T, 3)`` metric ground truth."""
+    start: int = 0
+    """Index of the batch's first episode in the episode set."""
+    prior_mean: np.ndarray | None = None
+    """``(B, 3)`` metric mean of the tracking prior ``b0`` (set by :func:`filter_steps`; None for global)."""
+
+
+def _checked_prior_means(prior_means_m: np.ndarray | None, episodes: EpisodeSet) -> np.ndarray | None:
+    if prior_means_m is None:
+        return None
+    pm = np.asarray(prior_means_m, dtype=np.float64)
+    if pm.shape != (len(episodes.episodes), 3):
+        raise ValueError(f"prior_means_m: expected shape ({len(episodes.episodes)}, 3), got {pm.shape}")
+    return pm
 
 
 def episode_batches(episodes: EpisodeSet, settings: EvalSettings, device: torch.device) -> Iterator[EpisodeBatch]:
@@ -129,6 +148,7 @@ def episode_batches(episodes: EpisodeSet, settings: EvalSettings, device: torch.
             egomotion=torch.stack(
                 [torch.from_numpy(scale.delta_to_normalized(e.egomotion[:big_t])) for e in chunk]).float().to(device),
             truth=np.stack([e.query_poses[:big_t] for e in chunk]),
+            start=start,
         )
 
 
@@ -138,12 +158,19 @@ def filter_steps(
     settings: EvalSettings,
     *,
     device: torch.device | str = "cpu",
+    prior_means_m: np.ndarray | None = None,
 ) -> Iterator[tuple[EpisodeBatch, int, torch.Tensor, StepResult]]:
     """The protocol's filter, one ``(batch, t, log weights before the update, step result)`` per step.
 
     One seeded generator for priors, motion noise and resampling; :func:`run_filter` and
     :func:`~dmn_ros.evaluation.health_metrics.collect_runs` both read this one loop.
+
+    Tracking: each batch's prior means are drawn from that generator around the true first poses
+    (``batch.prior_mean`` carries them, metric). ``prior_means_m`` ``(E, 3)``, metric, replaces them
+    by given ones (another method's, :func:`tracking_prior_means`); the draw is still made and
+    discarded, so every later draw is the one the run would make anyway.
     """
+    prior_means_m = _checked_prior_means(prior_means_m, episodes)
     dev = torch.device(device)
     scale = episodes.scale
     mpu = scale.meters_per_unit
@@ -168,8 +195,12 @@ def filter_steps(
         elif settings.mode == "tracking":
             t0 = torch.from_numpy(scale.to_normalized(batch.truth[:, 0])).float().to(dev)
             offset = torch.randn(b, 3, generator=g, device=dev) * torch.tensor(std, device=dev)
-            belief = init_gaussian(mean=compose(t0, torch.zeros_like(t0)) + offset, std=std,
-                                   num_particles=settings.num_particles, generator=g)
+            mean = compose(t0, torch.zeros_like(t0)) + offset
+            if prior_means_m is not None:
+                given = prior_means_m[batch.start : batch.start + b]
+                mean = torch.from_numpy(scale.to_normalized(given)).float().to(dev)
+            batch = batch._replace(prior_mean=scale.to_metric(mean.double().cpu().numpy()))
+            belief = init_gaussian(mean=mean, std=std, num_particles=settings.num_particles, generator=g)
         else:
             raise ValueError(f"unknown mode {settings.mode!r}")
         for t in range(settings.T):
@@ -187,10 +218,14 @@ def run_filter(
     settings: EvalSettings,
     *,
     device: torch.device | str = "cpu",
+    prior_means_m: np.ndarray | None = None,
 ) -> np.ndarray:
-    """x-y errors in meters, ``(E, T)``, of the filter's estimate on each episode and step."""
+    """x-y errors in meters, ``(E, T)``, of the filter's estimate on each episode and step.
+
+    ``prior_means_m``: tracking starts from these metric prior means (see :func:`filter_steps`).
+    """
     errors: list[np.ndarray] = []
-    for batch, t, _, res in filter_steps(model, episodes, settings, device=device):
+    for batch, t, _, res in filter_steps(model, episodes, settings, device=device, prior_means_m=prior_means_m):
         if t == 0:
             errors.append(np.zeros(batch.truth.shape[:2]))
         est = episodes.scale.to_metric(res.mean.double().cpu().numpy())
@@ -205,17 +240,38 @@ def run_regression(
     settings: EvalSettings,
     *,
     device: torch.device | str = "cpu",
+    prior_means_m: np.ndarray | None = None,
 ) -> np.ndarray:
     """x-y errors in meters, ``(E, T)``, of the regression baseline (``kind: regression``) on the same episodes.
 
-    Its one "particle" starts at the mean of ``b0``, drawn as :func:`run_filter` draws it: the
-    area's center for global localization (yaw 0: a uniform yaw has no mean), the offset
-    prior mean for tracking. ``num_particles``, ``transition_noise``, ``nearest_contexts`` and
-    ``likelihood_scale`` do not apply.
+    Its one "particle" starts at the mean of ``b0``: the area's center for global localization
+    (yaw 0: a uniform yaw has no mean); for tracking the given ``prior_means_m`` ``(E, 3)``, metric
+    (dmn-eval passes the filter's, :func:`tracking_prior_means`), else its own draw made as the
+    filter makes its first batch's (:func:`regression_prior_means`). ``num_particles``,
+    ``transition_noise``, ``nearest_contexts`` and ``likelihood_scale`` do not apply.
     """
     from dmn_ros.model.regression import regress_sequence
 
     dev = torch.device(device)
+    scale = episodes.scale
+    prior_means_m = _checked_prior_means(prior_means_m, episodes)
+    errors = []
+    for batch, initial in _regression_starts(episodes, settings, dev, prior_means_m):
+        b, nc = batch.contexts.shape[:2]
+        truth = batch.truth
+        emb = model.embed_views(batch.contexts.flatten(0, 1))
+        map_v, map_u = model.prepare_map(emb.reshape(b, nc, *emb.shape[1:]))
+        estimates = regress_sequence(model, map_v=map_v, map_u=map_u, context_poses=batch.context_poses,
+                                     queries=batch.queries, egomotion=batch.egomotion, initial=initial)
+        est = scale.to_metric(torch.stack(estimates, dim=1).double().cpu().numpy())  # (B, T, 3)
+        errors.append(np.hypot(est[..., 0] - truth[..., 0], est[..., 1] - truth[..., 1]))
+    return np.concatenate(errors, axis=0)
+
+
+def _regression_starts(
+    episodes: EpisodeSet, settings: EvalSettings, dev: torch.device, prior_means_m: np.ndarray | None
+) -> Iterator[tuple[EpisodeBatch, torch.Tensor]]:
+    """Each batch and the regression's initial poses ``(B, 3)`` (normalized), as :func:`run_regression` starts."""
     scale = episodes.scale
     g = torch.Generator(device=dev).manual_seed(settings.seed)
     s = settings.tracking_std
@@ -223,24 +279,87 @@ def run_regression(
     cx = 0.5 * (episodes.bounds[0] + episodes.bounds[1])
     cy = 0.5 * (episodes.bounds[2] + episodes.bounds[3])
     center = torch.from_numpy(scale.to_normalized(np.array([cx, cy, 0.0]))).float().to(dev)
-    errors = []
     for batch in episode_batches(episodes, settings, dev):
-        b, nc = batch.contexts.shape[:2]
-        truth = batch.truth
-        emb = model.embed_views(batch.contexts.flatten(0, 1))
-        map_v, map_u = model.prepare_map(emb.reshape(b, nc, *emb.shape[1:]))
+        b = batch.truth.shape[0]
         if settings.mode == "global":
             initial = center.expand(b, 3)
-        elif settings.mode == "tracking":
-            t0 = torch.from_numpy(scale.to_normalized(truth[:, 0])).float().to(dev)
-            initial = t0 + torch.randn(b, 3, generator=g, device=dev) * std
+        elif settings.mode == "tracking" and prior_means_m is not None:
+            given = prior_means_m[batch.start : batch.start + b]
+            initial = torch.from_numpy(scale.to_normalized(given)).float().to(dev)
+        elif settings.mode == "tracking":  # the filter's formula (filter_steps), so a first batch starts alike
+            t0 = torch.from_numpy(scale.to_normalized(batch.truth[:, 0])).float().to(dev)
+            initial = compose(t0, torch.zeros_like(t0)) + torch.randn(b, 3, generator=g, device=dev) * std
         else:
             raise ValueError(f"unknown mode {settings.mode!r}")
-        estimates = regress_sequence(model, map_v=map_v, map_u=map_u, context_poses=batch.context_poses,
-                                     queries=batch.queries, egomotion=batch.egomotion, initial=initial)
-        est = scale.to_metric(torch.stack(estimates, dim=1).double().cpu().numpy())  # (B, T, 3)
-        errors.append(np.hypot(est[..., 0] - truth[..., 0], est[..., 1] - truth[..., 1]))
-    return np.concatenate(errors, axis=0)
+        yield batch, initial
+
+
+@torch.inference_mode()
+def tracking_prior_means(
+    model: ObservationModel,
+    episodes: EpisodeSet,
+    settings: EvalSettings,
+    *,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``(E, 3)`` metric means of the tracking prior that :func:`run_filter` draws for this model and settings.
+
+    Each batch's draw follows the previous batches' motion-noise and resampling draws of the same
+    generator, so it takes the filter run itself (the same run, bit for bit, as :func:`run_filter`'s).
+    dmn-eval hands these to every baseline (``prior_means_m``).
+    """
+    if settings.mode != "tracking":
+        raise ValueError(f"tracking_prior_means: settings.mode is {settings.mode!r}, not 'tracking'")
+    means = [batch.prior_mean for batch, t, _, _ in filter_steps(model, episodes, settings, device=device) if t == 0]
+    return np.concatenate([m for m in means if m is not None], axis=0)
+
+
+def regression_prior_means(episodes: EpisodeSet, settings: EvalSettings, *, device: torch.device | str = "cpu"
+                           ) -> np.ndarray:
+    """``(E, 3)`` metric tracking starts that :func:`run_regression` draws itself (no model needed)."""
+    dev = torch.device(device)
+    starts = [initial for _, initial in _regression_starts(episodes, settings, dev, None)]
+    return episodes.scale.to_metric(torch.cat(starts).double().cpu().numpy())
+
+
+@torch.inference_mode()
+def belief_frames(
+    model: ObservationModel,
+    episodes: EpisodeSet,
+    settings: EvalSettings,
+    *,
+    num_episodes: int,
+    steps: list[int],
+    device: torch.device | str = "cpu",
+) -> list[list[BeliefFrame]]:
+    """The filter's belief at the 1-based ``steps`` of the first ``num_episodes`` episodes, metric.
+
+    Reads the first batches of :func:`filter_steps` with the same settings and generator, so these are
+    the beliefs of the run :func:`run_filter` scores (its later batches are not run). Each frame holds
+    the particles and weights after step t's update (before resampling), the estimate and the truth.
+    """
+    from dmn_ros.evaluation.belief_plot import BeliefFrame
+
+    n = min(num_episodes, len(episodes.episodes))
+    want = set(steps)
+    out: list[list[BeliefFrame]] = [[] for _ in range(n)]
+    if n == 0 or not want:
+        return out
+    scale = episodes.scale
+    bsz = settings.batch_episodes
+    first = dataclasses.replace(episodes, episodes=episodes.episodes[: -(-n // bsz) * bsz])  # whole batches
+    for batch, t, _, res in filter_steps(model, first, settings, device=device):
+        if t + 1 not in want:
+            continue
+        particles = scale.to_metric(res.updated.particles.double().cpu().numpy())
+        weights = res.updated.weights.double().cpu().numpy()
+        est = scale.to_metric(res.mean.double().cpu().numpy())
+        for i in range(min(batch.truth.shape[0], n - batch.start)):
+            truth = batch.truth[i, t]
+            out[batch.start + i].append(BeliefFrame(
+                t=t + 1, particles=particles[i], weights=weights[i], truth=truth, estimate=est[i],
+                error=float(np.hypot(est[i, 0] - truth[0], est[i, 1] - truth[1]))))
+    return out
 
 
 def closest_context_errors(episodes: EpisodeSet, *, num_contexts: int, T: int) -> np.ndarray:
@@ -253,16 +372,25 @@ def closest_context_errors(episodes: EpisodeSet, *, num_contexts: int, T: int) -
     return np.stack(out)
 
 
-def uninformed_errors(episodes: EpisodeSet, settings: EvalSettings) -> np.ndarray:
-    """The prior's mean moved by odometry only (area center for global; offset guess for tracking)."""
+def uninformed_errors(
+    episodes: EpisodeSet, settings: EvalSettings, *, prior_means_m: np.ndarray | None = None
+) -> np.ndarray:
+    """The prior's mean moved by odometry only (area center for global; offset guess for tracking).
+
+    Tracking starts from ``prior_means_m`` ``(E, 3)``, metric, when given (dmn-eval passes the
+    filter's, :func:`tracking_prior_means`); without them it draws its own offsets (numpy, seeded).
+    """
+    prior_means_m = _checked_prior_means(prior_means_m, episodes)
     rng = np.random.default_rng(settings.seed)
     s = settings.tracking_std
     out = []
     cx = 0.5 * (episodes.bounds[0] + episodes.bounds[1])
     cy = 0.5 * (episodes.bounds[2] + episodes.bounds[3])
-    for e in episodes.episodes:
+    for i, e in enumerate(episodes.episodes):
         if settings.mode == "global":
             pose = np.array([cx, cy, 0.0])
+        elif prior_means_m is not None:
+            pose = prior_means_m[i].copy()
         else:
             pose = e.query_poses[0] + rng.normal(size=3) * np.array([s[0], s[1], math.radians(s[2])])
         errs = []
