@@ -5,7 +5,9 @@ are dropped and counted), ``odom_topic`` (interpolated at image stamps for egomo
 ``initialpose``, the map (``map_topic`` + ``map_info_topic``). Outputs: ``dmn_pose``
 (PoseWithCovarianceStamped, reliable + transient_local, depth 1, stamped with the
 image stamp), ``particle_cloud`` (PoseArray, best effort), ``dmn_markers``
-(MarkerArray), map→odom TF when tf2_ros is importable. Nothing is published before a
+(MarkerArray of the particles), ``dmn_context_markers`` (MarkerArray of the map's
+contexts, reliable + transient_local, depth 1, so a later RViz still gets them), map→odom
+TF when tf2_ros is importable (stamps never go backwards). Nothing is published before a
 map exists and the filter is initialized. Bad inputs are logged, counted and dropped.
 The filter's health (ESS, likelihood averages, spreads, converged / lost) goes to
 ``/diagnostics`` (DiagnosticArray) after every update and every ``diagnostics_period``
@@ -24,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 import torch
 import yaml
+from builtin_interfaces.msg import Time as BuiltinTime
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, TransformStamped
 from nav_msgs.msg import Odometry
@@ -68,6 +70,9 @@ NOT_DROPS = ("frames", "processed", "odom_jumps", "time_resets")
 POSE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 PARTICLE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 ODOM_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+CONTEXT_MARKER_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                durability=DurabilityPolicy.TRANSIENT_LOCAL)
+"""``dmn_context_markers``: latched, as the map they show (sent once per map)."""
 MAX_WAITING_FRAMES = 8
 """Frames held at most while odometry for the newest ones is still on its way (the oldest beyond are dropped)."""
 
@@ -134,10 +139,15 @@ class LocalizationNode(Node):
         self._pending_global = False
         self._map_ids: dict[int, list[str]] = {}
         self._last_map_to_odom: TransformStamped | None = None
+        self._tf_sent: tuple[int, int] | None = None
+        """``(stamp, node clock)`` in ns of the last map→odom sent: later ones are stamped after it."""
+        self._pose_epoch = 0
+        """Bumped by every initial pose: a frame taken before it is not filtered with the motion computed then."""
         self.odom = OdometryBuffer(max_age_s=float(p["odom_buffer_s"]), tolerance_s=float(p["transform_tolerance"]))
         self._odom_seen = False
         self._last_odom: np.ndarray | None = None
-        """Odometry pose at the last update: egomotion after the buffer has forgotten that stamp."""
+        """Odometry pose the last update used (interpolated at its stamp, or the newest sample held when that
+        frame was filtered before its odometry arrived): the next egomotion starts from it."""
         self._odom_reset = False
         """Odometry jumped or reset since the last update: the next update runs without motion."""
         self.pose_file = resolve_pose_file(p["pose_file"], self.get_namespace(), self.get_name())
@@ -150,6 +160,7 @@ class LocalizationNode(Node):
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "dmn_pose", POSE_QOS)
         self.cloud_pub = self.create_publisher(PoseArray, "particle_cloud", PARTICLE_QOS)
         self.marker_pub = self.create_publisher(MarkerArray, "dmn_markers", 1)
+        self.context_marker_pub = self.create_publisher(MarkerArray, "dmn_context_markers", CONTEXT_MARKER_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         sensors = MutuallyExclusiveCallbackGroup()
         if p["use_compressed"]:
@@ -279,6 +290,7 @@ class LocalizationNode(Node):
         self.last_stamp = None
         self._last_odom = None
         self._odom_reset = True
+        self._tf_sent = None  # map->odom stamps start over with the new time
         return True
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -337,7 +349,7 @@ class LocalizationNode(Node):
             self._odom_seen = True
 
     def _on_initialpose(self, msg: PoseWithCovarianceStamped) -> None:
-        if msg.header.frame_id != self.p["global_frame_id"]:
+        if msg.header.frame_id.lstrip("/") != self.p["global_frame_id"].lstrip("/"):  # "/map" is map (nav2_amcl)
             self.counters["bad_initialpose"] += 1
             self.get_logger().warning(f"initialpose in frame '{msg.header.frame_id}' rejected; expected "
                                       f"'{self.p['global_frame_id']}'")
@@ -345,7 +357,7 @@ class LocalizationNode(Node):
         try:
             mean = pose_to_xyyaw(msg.pose.pose)
             self._check_in_map(mean)
-            self._init_pose(mean, cov6_to_cov3(msg.pose.covariance))
+            self._init_pose(mean, cov6_to_cov3(msg.pose.covariance), stamp=stamp_to_sec(msg.header.stamp))
         except (PoseInputError, ValueError) as exc:
             self.counters["bad_initialpose"] += 1
             self.get_logger().error(f"initialpose rejected: {exc}")
@@ -362,8 +374,15 @@ class LocalizationNode(Node):
             raise ValueError(f"({mean[0]:.2f}, {mean[1]:.2f}) is {out:.1f} m outside the map's views "
                              f"(x {xmin:.1f}..{xmax:.1f}, y {ymin:.1f}..{ymax:.1f}; initialpose_margin {margin} m)")
 
-    def _init_pose(self, mean: Any, cov: np.ndarray) -> None:
-        """Tracking from ``mean``; ValueError (belief unchanged) for a covariance the filter cannot sample from."""
+    def _init_pose(self, mean: Any, cov: np.ndarray, stamp: float | None = None) -> None:
+        """Tracking from ``mean``; ValueError (belief unchanged) for a covariance the filter cannot sample from.
+
+        ``stamp`` (the initialpose stamp) inside the odometry buffer (``transform_tolerance`` past its newest
+        sample included) anchors the egomotion there, as nav2_amcl applies the odometry change since the
+        message stamp: the next frame is filtered with the motion since ``stamp``, and frames stamped at or
+        before it are dropped (``out_of_order``). Otherwise (no stamp, a zero stamp, no odometry there) the
+        next frame is filtered without motion.
+        """
         with self._filter_lock:
             try:
                 self.localizer.init_pose(np.asarray(mean, dtype=np.float64), cov)
@@ -373,8 +392,13 @@ class LocalizationNode(Node):
                 raise ValueError(f"covariance is not positive definite at the filter's float32 precision "
                                  f"(singular or nearly so): {exc}") from exc
             with self._lock:
-                self.last_stamp = None
                 self._pending_global = False
+                self._pose_epoch += 1
+                at = self.odom.pose_at(stamp) if stamp is not None and stamp > 0 else None
+                if at is None:
+                    self.last_stamp = None
+                else:
+                    self.last_stamp, self._last_odom, self._odom_reset = stamp, at, False
         self.get_logger().info(f"tracking from initial pose ({float(mean[0]):.2f}, {float(mean[1]):.2f}, "
                                f"{float(mean[2]):.2f}) with {self.localizer.config.tracking_particles} particles")
 
@@ -515,19 +539,16 @@ class LocalizationNode(Node):
                 return
             if self.last_stamp is not None and stamp <= self.last_stamp:
                 self.counters["out_of_order"] += 1
-                self.get_logger().warning(f"frame at {stamp:.3f} not after the last update "
+                self.get_logger().warning(f"frame at {stamp:.3f} not after the last update or initial pose "
                                           f"({self.last_stamp:.3f}): dropped", throttle_duration_sec=5.0)
                 return
+            used = self.odom.pose_at(stamp)  # interpolated, or the newest sample held once the frame waited
             delta = None
             if self.last_stamp is not None and self._odom_seen and not self._odom_reset:
-                delta = self.odom.egomotion(self.last_stamp, stamp)
+                delta = self._egomotion(used)
                 if delta is None and self._last_odom is not None:
-                    # The buffer forgot the last update's stamp (the robot stood still > odom_buffer_s).
-                    now_odom = self.odom.pose_at(stamp)
-                    delta = None if now_odom is None else relative(self._last_odom, now_odom)
-                    if delta is None:
-                        self.counters["no_odom"] += 1
-                        return
+                    self.counters["no_odom"] += 1
+                    return
                 # delta None here: the last update had no odometry (it started later than transform_tolerance
                 # after it), so this update runs without motion and anchors the next ones; dropping the frame
                 # as no_odom stopped the filter for good, since last_stamp then never advanced.
@@ -536,15 +557,48 @@ class LocalizationNode(Node):
                         delta[2]) < float(self.p["update_min_a"])
                     if small and not self._force_update:
                         self.counters["skipped_small_motion"] += 1
-                        self._resend_tf()
+                        self._resend_tf(stamp)
                         return
             self._force_update = False
-            epoch = self._odom_epoch
-        self._run(stamp, rgb, delta, epoch)
+            epoch, pose_epoch = self._odom_epoch, self._pose_epoch
+        self._run(stamp, rgb, delta, epoch, odom_used=used, pose_epoch=pose_epoch)
 
-    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None, epoch: int) -> None:
-        """One filter step; ``_lock`` is free meanwhile, so odometry and frames keep arriving."""
+    def _egomotion(self, used: np.ndarray | None) -> np.ndarray | None:
+        """Motion from the last update to the odometry pose ``used`` (None: unknown); ``_lock`` held.
+
+        From the odometry pose the last update used (``_last_odom``), not the buffer at ``last_stamp``:
+        when that frame was filtered with the newest sample held (its odometry was later than
+        ``transform_tolerance``), the late samples interpolated at ``last_stamp`` differ from what the
+        filter moved by, and the motion between them was lost. From the buffer only when the last
+        update had no odometry (it arrived later, covering that stamp).
+        """
+        if used is None:
+            return None
+        if self._last_odom is not None:
+            return relative(self._last_odom, used)
+        prev = self.odom.pose_at(self.last_stamp) if self.last_stamp is not None else None
+        return None if prev is None else relative(prev, used)
+
+    def _run(self, stamp: float, rgb: np.ndarray, delta: np.ndarray | None, epoch: int, *,
+             odom_used: np.ndarray | None = None, pose_epoch: int | None = None) -> None:
+        """One filter step; ``_lock`` is free meanwhile, so odometry and frames keep arriving.
+
+        ``odom_used``: the odometry pose ``delta`` was measured to (the next update's motion starts from it;
+        None: read at ``stamp`` afterwards). ``pose_epoch``: ``_pose_epoch`` when the frame was taken; an
+        initial pose set since then replaces ``delta`` by the motion from its anchor (the frame is dropped
+        as ``out_of_order`` if stamped at or before it, filtered without motion if it has none).
+        """
         with self._filter_lock:
+            if pose_epoch is not None:
+                with self._lock:
+                    if pose_epoch != self._pose_epoch:
+                        if self.last_stamp is not None and stamp <= self.last_stamp:
+                            self.counters["out_of_order"] += 1
+                            self.get_logger().warning(f"frame at {stamp:.3f} not after the initial pose "
+                                                      f"({self.last_stamp:.3f}): dropped", throttle_duration_sec=5.0)
+                            return
+                        delta = (self._egomotion(odom_used) if self.last_stamp is not None and epoch == self._odom_epoch
+                                 and not self._odom_reset else None)
             try:
                 est = self.localizer.step(rgb, delta)
             except (DmnError, ValueError, RuntimeError) as exc:
@@ -558,7 +612,7 @@ class LocalizationNode(Node):
             with self._lock:
                 self._step_failed = False
                 if epoch == self._odom_epoch:
-                    self._last_odom = self.odom.pose_at(stamp)
+                    self._last_odom = odom_used if odom_used is not None else self.odom.pose_at(stamp)
                     self._odom_reset = False
                     self.last_stamp = stamp
                 # else odometry jumped or time went back during the step: keep what that reset set (the next
@@ -648,19 +702,21 @@ class LocalizationNode(Node):
         self._broadcast_tf(stamp, est.mean, odom_pose)
 
     def _publish_context_markers(self) -> None:
+        """The map's contexts as green arrows on ``dmn_context_markers`` (transient_local: an RViz started
+        later gets them too; on the volatile ``dmn_markers`` they went out once, when the map arrived).
+        Stamped zero, i.e. drawn with the newest transform whenever they are received."""
         poses = self.localizer.context_poses()
         frame = self.p["global_frame_id"]
         markers = [Marker(ns="contexts", id=0, action=Marker.DELETEALL)]
         for i, pose in enumerate(poses):
             m = Marker()
             m.header.frame_id = frame
-            m.header.stamp = self.get_clock().now().to_msg()
             m.ns, m.id, m.type, m.action = "contexts", i + 1, Marker.ARROW, Marker.ADD
             m.pose = xyyaw_to_pose(pose)
             m.scale.x, m.scale.y, m.scale.z = 1.0, 0.15, 0.15
             m.color = ColorRGBA(r=0.1, g=0.8, b=0.1, a=1.0)
             markers.append(m)
-        self.marker_pub.publish(MarkerArray(markers=markers))
+        self.context_marker_pub.publish(MarkerArray(markers=markers))
 
     def _broadcast_tf(self, stamp: float, map_to_base: np.ndarray, odom_pose: np.ndarray | None) -> None:
         """map→odom from the estimate and ``odom_pose``, the odometry at ``stamp`` read under ``_lock``
@@ -670,7 +726,7 @@ class LocalizationNode(Node):
         mo = map_to_odom(map_to_base, odom_pose)
         t = TransformStamped()
         try:
-            t.header.stamp = sec_to_stamp(stamp + float(self.p["transform_tolerance"]))  # nav2_amcl post-dates
+            sec_to_stamp(stamp + float(self.p["transform_tolerance"]))  # nav2_amcl post-dates
         except ValueError as exc:  # a stamp at the end of the representable range
             self.get_logger().warning(f"map->odom not sent: {exc}", throttle_duration_sec=5.0)
             return
@@ -679,16 +735,42 @@ class LocalizationNode(Node):
         q = yaw_to_quaternion(np.float64(mo[2]))
         t.transform.rotation.x, t.transform.rotation.y, t.transform.rotation.z, t.transform.rotation.w = (
             float(v) for v in q)
-        self._last_map_to_odom = t
-        self.tf.sendTransform(t)
+        with self._lock:
+            self._last_map_to_odom = t
+            self._send_tf(t, round(stamp * 1e9) + round(float(self.p["transform_tolerance"]) * 1e9))
 
-    def _resend_tf(self) -> None:
-        """Re-send the last map→odom while no update runs (REP-105: the robot may stand still)."""
-        if self.tf is None or self._last_map_to_odom is None:
+    def _resend_tf(self, frame_stamp: float | None = None) -> None:
+        """Re-send the last map→odom while no update runs (REP-105: the robot may stand still).
+
+        Stamped as the last one sent, advanced by the node-clock time since, or ``frame_stamp`` (a frame
+        skipped for small motion) + ``transform_tolerance`` when later, as nav2_amcl stamps its re-sends
+        with the newest scan's. (Node clock + tolerance stamped re-sends ahead of the updates by the
+        camera's latency, so the next update's transform went out stamped before them.) After a time
+        reset, until the next update: node clock + tolerance.
+        """
+        with self._lock:
+            if self.tf is None or self._last_map_to_odom is None:
+                return
+            now, tol_ns = self.get_clock().now().nanoseconds, round(float(self.p["transform_tolerance"]) * 1e9)
+            if self._tf_sent is None:
+                sent, ns = -1, (now + tol_ns if now > 0 else -1)
+            else:
+                sent, clock = self._tf_sent
+                ns = sent + max(now - clock, 0)
+            if frame_stamp is not None:
+                ns = max(ns, round(frame_stamp * 1e9) + tol_ns)
+            if ns > sent:  # the same stamp again is ignored by tf2 (TF_REPEATED_DATA)
+                self._send_tf(self._last_map_to_odom, ns)
+
+    def _send_tf(self, t: TransformStamped, ns: int) -> None:
+        """Send ``t`` stamped ``ns`` (or just after the last stamp sent: map→odom stamps never go back, nor
+        repeat, until time resets); ``_lock`` held."""
+        if self.tf is None:
             return
-        t = self._last_map_to_odom
-        t.header.stamp = (self.get_clock().now() + rclpy.duration.Duration(
-            seconds=float(self.p["transform_tolerance"]))).to_msg()
+        if self._tf_sent is not None and ns <= self._tf_sent[0]:
+            ns = self._tf_sent[0] + 1  # an update: its (new) value is sent, just after the last one
+        t.header.stamp = BuiltinTime(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+        self._tf_sent = (ns, self.get_clock().now().nanoseconds)
         self.tf.sendTransform(t)
 
     # ---- pose persistence (AMCL's save_pose_rate) -------------------------------------------
