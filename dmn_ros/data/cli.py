@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("from-folder", help="TUM RGB-D folders, or images + a stamp,x,y,yaw CSV")
     f.add_argument("folders", nargs="+")
     f.add_argument("--layout", choices=["auto", "tum", "csv"], default="auto")
-    f.add_argument("--csv", help="poses CSV inside the folder (default: its only *.csv)")
+    f.add_argument("--csv", help="poses CSV: a name inside each folder, e.g. poses.csv (default: the folder's only "
+                                 "*.csv); a path outside the folder only with one folder")
     f.add_argument("--no-optical", action="store_true",
                    help="TUM poses are already body poses (x forward, z up), not the camera's optical frame")
     _common(f)
@@ -107,9 +108,13 @@ def _write(args: argparse.Namespace, envs: list[tuple[EnvViews, ConversionReport
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     report_path = Path(args.out) / "conversion.json"
+    new = [r.to_dict() for _, r in envs]
+    written = {r["env"] for r in new}
     old = json.loads(report_path.read_text()) if report_path.is_file() else []
+    # An environment written again replaces its entry, as it replaced its shard.
+    kept = [r for r in old if not (isinstance(r, dict) and r.get("env") in written)]
     with atomic_open(report_path, "w") as f:  # same temp-file-then-rename rule as every dataset file
-        json.dump(old + [r.to_dict() for _, r in envs], f, indent=2)
+        json.dump(kept + new, f, indent=2)
     m = ds.meta
     side = m.bounds[1] - m.bounds[0]
     print(f"wrote {len(envs)} environment(s) to {ds.path}: splits "
@@ -144,11 +149,21 @@ def main(argv: list[str] | None = None) -> int:
             envs += bag_to_views(bag, camera_topic=args.camera_topic, pose_topic=args.pose_topic,
                                  tf_frames=tuple(args.tf_frames) if args.tf_frames else None, ranges=ranges,
                                  env_name=args.env, prefix_ranges=len(bags) > 1, opts=opts)
-        return _write(args, envs, camera=args.camera_topic or "camera")
-    from dmn_ros.data.from_folder import folder_to_views
+        # The topic each bag was read from (e.g. /camera/image/compressed for --camera-topic /camera/image).
+        return _write(args, envs, camera=",".join(dict.fromkeys(rep.camera for _, rep in envs)))
+    from dmn_ros.data.from_folder import csv_is_inside, folder_to_views, resolve_csv
 
     if args.env and len(args.folders) > 1:
         raise ValueError("--env names one environment; it needs exactly one folder")
+    if args.csv and len(args.folders) > 1:  # one --csv for several folders: each folder's own file, never another's
+        for folder in args.folders:
+            tum = (Path(folder) / "rgb.txt").is_file() and (Path(folder) / "groundtruth.txt").is_file()
+            if args.layout == "tum" or (args.layout == "auto" and tum):
+                continue  # --csv does not apply to a TUM folder
+            found = resolve_csv(folder, args.csv)
+            if not csv_is_inside(folder, found):
+                raise ValueError(f"--csv {args.csv}: {found} is not inside {folder}; with several folders --csv names "
+                                 f"a file inside each folder (e.g. --csv {Path(args.csv).name})")
     for folder in args.folders:
         envs.append(folder_to_views(folder, layout=args.layout, csv_path=args.csv, optical=not args.no_optical,
                                     env_name=args.env, opts=opts))

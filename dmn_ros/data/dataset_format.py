@@ -35,6 +35,8 @@ __all__ = [
     "DatasetFormatError",
     "DatasetMeta",
     "EnvViews",
+    "check_disjoint",
+    "check_image_size",
     "env_name",
     "env_seed",
 ]
@@ -66,6 +68,25 @@ def env_seed(split: str, index: int) -> int:
 def env_name(domain: str, seed: int) -> str:
     """File stem for an environment, e.g. ``maze_00000012``; the seed is recoverable from it."""
     return f"{domain}_{int(seed):08d}"
+
+
+def check_disjoint(splits: dict[str, list[str]], *, where: str = "dataset.yaml") -> None:
+    """Raise :class:`DatasetFormatError` naming an environment listed in two splits (a train/test leak)."""
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for name in splits.get(split, []):
+            if name in seen and seen[name] != split:
+                raise DatasetFormatError(f"{where}: environment {name!r} is in split {seen[name]!r} and in split "
+                                         f"{split!r}; splits must be disjoint")
+            seen[name] = split
+
+
+def check_image_size(model_size: tuple[int, int], data_size: tuple[int, int], source: str) -> None:
+    """Raise ``ValueError`` when a model's input size differs from a dataset's (the trainer's message)."""
+    m, d = (int(model_size[0]), int(model_size[1])), (int(data_size[0]), int(data_size[1]))
+    if m != d:
+        raise ValueError(f"{source}: model images are {m[0]}x{m[1]} but the dataset's are {d[0]}x{d[1]}; "
+                         f"convert with --image-size {m[0]}x{m[1]}")
 
 
 @dataclass
@@ -111,8 +132,13 @@ class DatasetMeta:
                     f"{where}: format_version {version}, this code reads {FORMAT_VERSION}"
                 )
             splits = {str(k): [str(n) for n in (v or [])] for k, v in (d.get("splits") or {}).items()}
+            unknown = sorted(set(splits) - set(SPLITS))
+            if unknown:
+                raise DatasetFormatError(f"{where}: unknown split {unknown[0]!r} under 'splits' (the splits are "
+                                         f"{', '.join(SPLITS)})")
             for s in SPLITS:
                 splits.setdefault(s, [])
+            check_disjoint(splits, where=where)
             fov = d.get("fov_deg")
             return cls(
                 image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
@@ -223,7 +249,7 @@ class DatasetDir:
     def env_names(self, split: str) -> list[str]:
         """Environment names listed for ``split`` in dataset.yaml."""
         if split not in self.meta.splits:
-            raise KeyError(f"{self.path / self.META}: no split {split!r} (has {sorted(self.meta.splits)})")
+            raise DatasetFormatError(f"{self.path / self.META}: no split {split!r} (has {sorted(self.meta.splits)})")
         return list(self.meta.splits[split])
 
     def has_env(self, name: str) -> bool:
@@ -282,21 +308,33 @@ class DatasetDir:
             )
         return p
 
-    def add_to_split(self, split: str, names: list[str]) -> None:
-        """List already-written environments under ``split`` in dataset.yaml (idempotent, atomic)."""
-        for n in names:
-            if not self.has_env(n):
-                raise DatasetFormatError(f"{self.env_path(n)}: cannot list an environment not yet written")
+    def check_assignment(self, assignment: dict[str, str]) -> None:
+        """Raise :class:`DatasetFormatError` if listing environments (name -> split) would break the splits.
+
+        Call it before writing any shard, so a refused conversion changes nothing: an unknown
+        split, or an environment already listed under another split.
+        """
+        for n, split in assignment.items():
+            if split not in SPLITS:
+                raise DatasetFormatError(f"split {split!r} for {n}: choose one of {', '.join(SPLITS)}")
             for other, listed in self.meta.splits.items():
                 if other != split and n in listed:
                     raise DatasetFormatError(f"{n} is already in split {other!r}; splits must be disjoint")
+
+    def add_to_split(self, split: str, names: list[str]) -> None:
+        """List already-written environments under ``split`` in dataset.yaml (idempotent, atomic)."""
+        self.check_assignment({n: split for n in names})
+        for n in names:
+            if not self.has_env(n):
+                raise DatasetFormatError(f"{self.env_path(n)}: cannot list an environment not yet written")
         listed = self.meta.splits.setdefault(split, [])
         listed.extend(n for n in names if n not in listed)
         listed.sort()
         self._write_meta(self.path, self.meta)
 
     def write_env(self, views: EnvViews, *, split: str) -> Path:
-        """Write one environment and list it under ``split``."""
+        """Write one environment and list it under ``split``; a refused split writes nothing."""
+        self.check_assignment({views.name: split})
         p = self.write_env_file(views)
         self.add_to_split(split, [views.name])
         return p

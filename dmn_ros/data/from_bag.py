@@ -30,7 +30,7 @@ from dmn_ros.bags.errors import BagError, BagReadError, MissingTopicError, Unkno
 from dmn_ros.bags.reader import _decode_image, find_bags, iter_raw_messages
 from dmn_ros.bags.record import typestore
 from dmn_ros.bags.topics import IMAGE_TYPES, POSE_TYPES, absolute
-from dmn_ros.data.dataset_format import DatasetDir, DatasetFormatError, DatasetMeta, EnvViews
+from dmn_ros.data.dataset_format import SPLITS, DatasetDir, DatasetFormatError, DatasetMeta, EnvViews
 from dmn_ros.geometry import wrap_angle
 from dmn_ros.images import ImageDecodeError, resize_rgb
 
@@ -106,6 +106,8 @@ class ConversionReport:
     """Paired frames tilted more than ``max_tilt_deg``."""
     max_tilt_deg: float = 0.0
     split: str = ""
+    camera: str = ""
+    """The camera topic that was read (e.g. ``/front/image_raw/compressed``); empty for folders."""
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -458,6 +460,9 @@ def bag_to_views(
 ) -> list[tuple[EnvViews, ConversionReport]]:
     """One bag → one environment named ``env_name`` (default: the bag's name), or one per time range.
 
+    Each report's ``camera`` is the topic actually read: ``camera_topic``, or ``camera_topic/compressed``
+    when only that exists, or the bag's only image topic when ``camera_topic`` is None.
+
     A range's environment is named after the range, or ``<bag>_<range>`` with ``prefix_ranges``
     (the CLI sets it when several bags are converted). See the module docstring for the rules.
     """
@@ -538,6 +543,7 @@ def bag_to_views(
         views, rep = frames_to_views(name=name, stamps=st[rows], poses=sub_poses, tilt_deg=tilt[rows],
                                      load_image=lambda i, rows=rows: load(int(rows[i])), opts=opts,
                                      source=f"{bag}: {cam} + {pose_source}")
+        rep.camera = cam
         if bm.note:
             rep.notes.append(f"partial bag: {bm.note}")
         out.append((views, rep))
@@ -571,6 +577,14 @@ def write_dataset(
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DatasetFormatError(f"environment names repeat: {dup}; use --env or distinct range names")
+    assignment = {n: splits.get(n, default_split) for n in names}
+    for n, split in assignment.items():
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} for {n}: choose train, val or test")
+    for views, _ in envs:  # everything is checked before the first file is written: a refusal changes nothing
+        views.validate()
+        if tuple(views.images.shape[1:3]) != tuple(image_size):
+            raise DatasetFormatError(f"{views.name}: image size {views.images.shape[1:3]} != {tuple(image_size)}")
     allp = np.concatenate([v.poses[:, :2] for v, _ in envs])
     if (out / DatasetDir.META).is_file():
         ds = DatasetDir(out)
@@ -578,6 +592,7 @@ def write_dataset(
             raise DatasetFormatError(f"{out}: existing image_size {ds.meta.image_size} != {image_size} "
                                      f"(mixed image sizes); pass --image-size {ds.meta.image_size[0]}x"
                                      f"{ds.meta.image_size[1]}")
+        ds.check_assignment(assignment)
         xmin, xmax, ymin, ymax = ds.meta.bounds
         if (allp[:, 0].min() < xmin or allp[:, 0].max() > xmax or allp[:, 1].min() < ymin
                 or allp[:, 1].max() > ymax):
@@ -589,12 +604,14 @@ def write_dataset(
         ds = DatasetDir.create(out, DatasetMeta(image_size=tuple(image_size), meters_per_unit=meters_per_unit,  # type: ignore[arg-type]
                                                 bounds=bounds, camera=camera, source=source, domain=domain,
                                                 fov_deg=fov_deg))
+    for views, _ in envs:
+        ds.write_env_file(views)
+    for split in SPLITS:
+        listed = [n for n in names if assignment[n] == split]
+        if listed:
+            ds.add_to_split(split, listed)
     for views, rep in envs:
-        split = splits.get(views.name, default_split)
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split {split!r} for {views.name}: choose train, val or test")
-        ds.write_env(views, split=split)
-        rep.split = split
+        rep.split = assignment[views.name]
     return ds, warnings
 
 

@@ -34,7 +34,7 @@ from dmn_ros.data.from_bag import (
 from dmn_ros.geometry import yaw_to_quaternion
 from dmn_ros.images import ImageDecodeError
 
-__all__ = ["OPTICAL_TO_BODY", "detect_layout", "folder_to_views", "read_image"]
+__all__ = ["OPTICAL_TO_BODY", "csv_is_inside", "detect_layout", "folder_to_views", "read_image", "resolve_csv"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 
@@ -132,6 +132,31 @@ def _csv(folder: Path, csv_path: Path | None, opts: ConvertOptions, name: str) -
                            load_image=lambda i: read_image(files[i]), opts=opts, source=f"{folder} ({csv_path.name})")
 
 
+def resolve_csv(folder: str | Path, csv_path: str | Path) -> Path:
+    """Where ``--csv`` points for ``folder``: a relative path is looked up inside the folder first.
+
+    A relative path that is not in the folder but exists from the current directory (``--csv
+    hall/poses.csv``) is taken as given; an absolute path too. Raises ``FileNotFoundError``
+    naming the folder's path when neither exists.
+    """
+    folder, given = Path(folder), Path(csv_path)
+    if given.is_absolute():
+        if not given.is_file():
+            raise FileNotFoundError(f"{given}: no such poses CSV (--csv)")
+        return given
+    inside = folder / given
+    if inside.is_file():
+        return inside
+    if given.is_file():
+        return given
+    raise FileNotFoundError(f"{inside}: no such poses CSV (a relative --csv names a file inside each folder)")
+
+
+def csv_is_inside(folder: str | Path, csv_path: Path) -> bool:
+    """Whether ``csv_path`` lies inside ``folder`` (symlinks resolved)."""
+    return Path(csv_path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def folder_to_views(
     folder: str | Path,
     *,
@@ -141,16 +166,21 @@ def folder_to_views(
     env_name: str | None = None,
     opts: ConvertOptions | None = None,
 ) -> tuple[EnvViews, ConversionReport]:
-    """One folder → one environment (see the module docstring for the layouts)."""
+    """One folder → one environment (see the module docstring for the layouts).
+
+    ``csv_path`` names the poses CSV; a relative one is looked up inside ``folder`` (:func:`resolve_csv`).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetFormatError(f"{folder}: not a directory")
     opts = opts or ConvertOptions()
-    layout = detect_layout(folder) if layout == "auto" else layout
+    if layout == "auto":
+        tum = (folder / "rgb.txt").is_file() and (folder / "groundtruth.txt").is_file()
+        layout = "csv" if csv_path is not None and not tum else detect_layout(folder)
     name = sanitize_env_name(env_name or folder.name)
     if layout == "tum":
         return _tum(folder, opts, optical, name)
     if layout == "csv":
-        return _csv(folder, None if csv_path is None else Path(csv_path), opts, name)
+        return _csv(folder, None if csv_path is None else resolve_csv(folder, csv_path), opts, name)
     raise ValueError(f"layout must be auto, tum or csv, got {layout!r}")
 

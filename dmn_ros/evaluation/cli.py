@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dmn_ros.data import DatasetDir
+from dmn_ros.data.dataset_format import check_image_size
 from dmn_ros.data.episodes import QueryMode
 from dmn_ros.errors import console_main
 from dmn_ros.evaluation.belief_plot import plot_belief_row, steps_to_draw
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     label = METHOD_LABELS[kinds.pop()]
     compared = [_compare_arg(c, args.device) for c in args.compare]
     base = load_model(args.baseline_model, device=args.device) if args.baseline_model else None  # before the runs
+    data_size = tuple(DatasetDir(args.data).meta.image_size)
+    for flag, m in [*(("--model", m) for m in models), *(("--compare", m) for _, ms in compared for m in ms),
+                    *([("--baseline-model", base)] if base is not None else [])]:
+        check_image_size((m.info.image_height, m.info.image_width), data_size, f"{flag} {m.path}")
     max_nc = max([args.nc, *args.nc_sweep])
     eps = make_episode_set(args.data, split=args.split, num_episodes=args.episodes, num_contexts=max_nc,
                            T=max(args.T, 5), seed=args.seed, query_mode=args.queries)

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     for source in args.calibration_from:
         calibration = {**(calibration or {}), **_calibration_of(source, weights_fingerprint(model))}
     if args.calibrate:  # on top of a copied calibration: re-fit one frame stream, keep the other
+        from dmn_ros.data import DatasetDir
+        from dmn_ros.data.dataset_format import check_image_size
+
+        check_image_size((int(model.image_height), int(model.image_width)),
+                         tuple(DatasetDir(args.calibrate).meta.image_size), f"checkpoint {args.checkpoint}")
         calibration = dict(calibration or {})
         modes = [m.value for m in QueryMode] if args.calibrate_queries == "both" else [args.calibrate_queries]
         for mode in modes:
