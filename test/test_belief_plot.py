@@ -191,3 +191,35 @@ def test_dmn_eval_writes_and_lists_belief_pictures(tiny_dataset: Path, tmp_path:
     assert eval_main([*common, "--out", str(none), "--belief-pictures", "0"]) == 0
     assert not list(none.glob("belief_*.png")) and "belief_pictures" not in json.loads(
         (none / "results.json").read_text())
+
+
+def test_dmn_eval_baseline_model_tracks_from_the_first_models_prior_means(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Two batches (8 episodes): the --baseline-model's tracking starts from the --model's prior means, which the
+    health run hands over (no second run); the later batch's means depend on the model's own resampling draws."""
+    import dataclasses
+
+    from dmn_ros.evaluation.protocol import rmse, tracking_prior_means
+    from dmn_ros.export import load_model
+
+    paths = [tmp_path / "m0.pt", tmp_path / "m1.pt"]
+    torch.manual_seed(0)
+    export_model(DMN(), paths[0], meters_per_unit=20.0)
+    torch.manual_seed(1)  # a sharp likelihood: this one resamples where the first does not
+    export_model(DMN(), paths[1], meters_per_unit=20.0, calibration={"likelihood_scale_independent": 100.0})
+    out = tmp_path / "eval"
+    assert eval_main(["--model", str(paths[0]), "--baseline-model", str(paths[1]), "--data", str(tiny_dataset),
+                      "--out", str(out), "--episodes", "8", "--T", "5", "--k-global", "16", "--k-tracking", "16",
+                      "--seed", "3", "--belief-pictures", "0"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    eps = make_episode_set(str(tiny_dataset), num_episodes=8, num_contexts=4, T=5, seed=3, query_mode="random_order")
+    s = EvalSettings(mode="tracking", num_particles=16, T=5, num_contexts=4, seed=3)
+    a, b = (load_model(p).module for p in paths)
+    means = tracking_prior_means(a, eps, s)
+    np.testing.assert_allclose(summary["tracking_prior_means_m"], means, atol=1e-5)  # the health run's (rounded)
+    s_b = dataclasses.replace(s, likelihood_scale=100.0)  # the temperature the baseline model carries
+    own = tracking_prior_means(b, eps, s_b)
+    np.testing.assert_array_equal(own[:4], means[:4])  # the first batch's come from the seed alone ...
+    assert np.abs(own[4:] - means[4:]).max() > 0.1  # ... the second's from each model's own resampling draws
+    shared = rmse(run_filter(b, eps, s_b, prior_means_m=means))[4]
+    assert summary["baseline"]["tracking_rmse_m"][4] == pytest.approx(shared, abs=1e-4)
+    assert rmse(run_filter(b, eps, s_b))[4] != pytest.approx(shared, abs=1e-4)

@@ -272,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                          cluster_radius_m=cr)
     glob, glob_runs = per_model_health(g_set)
     trk, trk_runs = per_model_health(t_set)
-    # The tracking prior means the first --model drew: every other method and baseline starts from them.
-    prior_means = _tracking_prior_means(models[0], eps, t_set, args.device)
+    # The tracking prior means the first --model drew: every other method and baseline starts from them
+    # (read from its run when it kept them, else drawn again the same way).
+    first = trk_runs[0] if trk_runs and model_kind(models[0].info.config) in PARTICLE_FILTER_KINDS else None
+    prior_means = (first.prior_mean if first is not None and first.prior_mean is not None
+                   else _tracking_prior_means(models[0], eps, t_set, args.device))
     succ = np.stack([success_rate(e, thr) for e in glob])  # (S, T)
     trk_rmse = np.stack([rmse(e) for e in trk])  # (S, 5)
     cc = closest_context_errors(eps, num_contexts=args.nc, T=T)
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if base is not None:  # before (e.g. the shipped zero-shot model) / after (e.g. fine-tuned), same episodes
         b_glob = _run(base, eps, g_set, args.device)
-        b_trk = _run(base, eps, t_set, args.device)
+        b_trk = _run(base, eps, t_set, args.device, prior_means_m=prior_means)
         b_succ, b_rmse = success_rate(b_glob, thr), rmse(b_trk)
         a_succ, a_rmse = succ.mean(0), trk_rmse.mean(0)
         md += [

@@ -131,6 +131,8 @@ class Runs:
     """``(E, T)`` the lost flag."""
     log_likelihood: np.ndarray
     """``(E, T)`` ℓ_t, the log marginal likelihood."""
+    prior_mean: np.ndarray | None = None
+    """``(E, 3)`` the tracking prior means the run drew (None for global runs): what baselines start from."""
 
     @property
     def errors_xy(self) -> np.ndarray:
@@ -165,6 +167,7 @@ def collect_runs(
     scale = episodes.scale
     mpu = scale.meters_per_unit
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "cov", "truth", "conv", "lost", "ll")}
+    priors: list[np.ndarray] = []
     big_t = settings.T
     for batch, t, prev_lw, res in filter_steps(model, episodes, settings, device=device):
         b = batch.truth.shape[0]
@@ -174,6 +177,8 @@ def collect_runs(
                       np.zeros((b, big_t), dtype=bool), np.zeros((b, big_t), dtype=bool), np.zeros((b, big_t)))
             for k, v in zip(("mean", "cov", "truth", "conv", "lost", "ll"), arrays, strict=True):
                 out[k].append(v)
+            if batch.prior_mean is not None:
+                priors.append(batch.prior_mean)
         mean, cov, conv, lost, lls = out["mean"][-1], out["cov"][-1], out["conv"][-1], out["lost"][-1], out["ll"][-1]
         marg = marginal_log_likelihood(prev_lw, res.log_likelihood)
         mean[:, t] = scale.to_metric(res.mean.double().cpu().numpy())
@@ -187,4 +192,5 @@ def collect_runs(
                                   config=health)
             conv[i, t], lost[i, t], lls[i, t] = h.converged, h.lost, h.log_likelihood
     cat = {k: np.concatenate(v, axis=0) for k, v in out.items()}
-    return Runs(cat["mean"], cat["cov"], cat["truth"], cat["conv"], cat["lost"], cat["ll"])
+    return Runs(cat["mean"], cat["cov"], cat["truth"], cat["conv"], cat["lost"], cat["ll"],
+                np.concatenate(priors, axis=0) if priors else None)

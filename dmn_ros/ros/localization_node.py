@@ -140,6 +140,8 @@ class LocalizationNode(Node):
         self._map_ids: dict[int, list[str]] = {}
         self._last_map_to_odom: TransformStamped | None = None
         self._tf_sent: tuple[int, int] | None = None
+        self._tf_clock_ns = -1
+        """The last node-clock re-send after a time reset: it never anchors the updates' stamps."""
         """``(stamp, node clock)`` in ns of the last map→odom sent: later ones are stamped after it."""
         self._pose_epoch = 0
         """Bumped by every initial pose: a frame taken before it is not filtered with the motion computed then."""
@@ -290,7 +292,7 @@ class LocalizationNode(Node):
         self.last_stamp = None
         self._last_odom = None
         self._odom_reset = True
-        self._tf_sent = None  # map->odom stamps start over with the new time
+        self._tf_sent, self._tf_clock_ns = None, -1  # map->odom stamps start over with the new time
         return True
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -752,9 +754,16 @@ class LocalizationNode(Node):
             if self.tf is None or self._last_map_to_odom is None:
                 return
             now, tol_ns = self.get_clock().now().nanoseconds, round(float(self.p["transform_tolerance"]) * 1e9)
-            if self._tf_sent is None:
-                sent, ns = -1, (now + tol_ns if now > 0 else -1)
-            else:
+            if self._tf_sent is None and frame_stamp is None:
+                # After a time reset: the node clock's time, which may be another time base than the data's
+                # (a wall-clock node replaying a bag), so the first update after it is not held behind it.
+                ns = now + tol_ns
+                if now > 0 and ns > self._tf_clock_ns:
+                    self._tf_clock_ns = ns
+                    self._send_tf(self._last_map_to_odom, ns, anchor=False)
+                return
+            sent, ns = -1, -1
+            if self._tf_sent is not None:
                 sent, clock = self._tf_sent
                 ns = sent + max(now - clock, 0)
             if frame_stamp is not None:
@@ -762,15 +771,16 @@ class LocalizationNode(Node):
             if ns > sent:  # the same stamp again is ignored by tf2 (TF_REPEATED_DATA)
                 self._send_tf(self._last_map_to_odom, ns)
 
-    def _send_tf(self, t: TransformStamped, ns: int) -> None:
-        """Send ``t`` stamped ``ns`` (or just after the last stamp sent: map→odom stamps never go back, nor
-        repeat, until time resets); ``_lock`` held."""
+    def _send_tf(self, t: TransformStamped, ns: int, *, anchor: bool = True) -> None:
+        """Send ``t`` stamped ``ns`` (or just after the last anchored stamp: map→odom stamps never go back, nor
+        repeat, until time resets); ``anchor=False`` (a node-clock re-send) leaves that stamp alone. ``_lock`` held."""
         if self.tf is None:
             return
-        if self._tf_sent is not None and ns <= self._tf_sent[0]:
-            ns = self._tf_sent[0] + 1  # an update: its (new) value is sent, just after the last one
+        if anchor:
+            if self._tf_sent is not None and ns <= self._tf_sent[0]:
+                ns = self._tf_sent[0] + 1  # an update: its (new) value is sent, just after the last one
+            self._tf_sent = (ns, self.get_clock().now().nanoseconds)
         t.header.stamp = BuiltinTime(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
-        self._tf_sent = (ns, self.get_clock().now().nanoseconds)
         self.tf.sendTransform(t)
 
     # ---- pose persistence (AMCL's save_pose_rate) -------------------------------------------
