@@ -69,3 +69,33 @@ def untrained(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("m") / "untrained.pt"
     export_model(DMN(), path, meters_per_unit=20.0)
     return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """An rclpy context on this run's ROS domain, per module (test/ros_helpers.py)."""
+    import rclpy
+    from ros_helpers import init_context
+
+    c = init_context()
+    yield c
+    rclpy.try_shutdown(context=c)
+
+
+@pytest.fixture(scope="module")
+def map_msg(untrained):
+    """A small map message for :func:`node` (test/node_feed.py)."""
+    from node_feed import map_message
+
+    return map_message(untrained)
+
+
+@pytest.fixture
+def node(untrained, ctx, map_msg, request):
+    """A LocalizationNode with the small map, global localization on, no motion gate (test/node_feed.py);
+    a module may define its own ``node``."""
+    from node_feed import make_node, node_name
+
+    n = make_node(untrained, ctx, map_msg, node_name(request))
+    yield n
+    n.destroy_node()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_wrappers import DelegatingModel
 
 from dmn_ros.evaluation import EvalSettings, make_episode_set, run_filter, run_regression, uninformed_errors
 from dmn_ros.evaluation.cli import main as eval_main
@@ -94,21 +95,11 @@ def test_belief_frames_are_the_scored_run(tiny_dataset: Path) -> None:
     assert len(belief_frames(model, eps, s, num_episodes=1, steps=[1])) == 1
 
 
-class _FlatModel(torch.nn.Module):
+class _FlatModel(DelegatingModel):
     """A constant log-likelihood: the weights stay uniform, so the filter never resamples."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.dmn = DMN()
-
-    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
-        return self.dmn.embed_views(images)
-
-    def prepare_map(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dmn.prepare_map(embeddings)
-
-    def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dmn.prepare_query(query)
+        super().__init__(DMN().eval())
 
     def log_likelihood_prepared(self, map_a, map_g, context_poses, q, hq, particles, nearest=0):
         return torch.zeros(particles.shape[:2])
@@ -123,7 +114,7 @@ def test_baselines_start_from_the_filters_tracking_prior_means(tiny_dataset: Pat
 
     eps = make_episode_set(str(tiny_dataset), num_episodes=4, num_contexts=4, T=3, seed=0, odom_noise=(0.0, 0.0))
     s = EvalSettings(mode="tracking", num_particles=16, T=3, num_contexts=4, batch_episodes=2, seed=5)
-    model = _FlatModel().eval()
+    model = _FlatModel()
     means = tracking_prior_means(model, eps, s)
     # The filter's own stream, by hand: per batch an offset, the prior particles, one noise draw per later step.
     scale, mpu = eps.scale, eps.scale.meters_per_unit

@@ -11,75 +11,36 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
+import node_feed  # noqa: E402
 import yaml  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
+from node_feed import TOLERANCE_S, make_node  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
-from ros_helpers import Spinning, init_context, initialpose_msg  # noqa: E402
+from ros_helpers import Spinning, initialpose_msg  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
-from dmn_ros.localizer import embed_images  # noqa: E402
-from dmn_ros.maps import ViewMap  # noqa: E402
-from dmn_ros.ros.conversions import sec_to_stamp, view_map_to_pointcloud, xyyaw_to_pose  # noqa: E402
+from dmn_ros.ros.conversions import sec_to_stamp, xyyaw_to_pose  # noqa: E402
 from dmn_ros.ros.localization_node import LocalizationNode  # noqa: E402
 
 pytestmark = pytest.mark.ros
-TOLERANCE_S = 0.3
 RNG = np.random.default_rng(23)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[Any]:
-    c = init_context()
-    yield c
-    rclpy.try_shutdown(context=c)
-
-
-@pytest.fixture(scope="module")
-def map_msg(untrained):
-    vm = ViewMap.for_model(untrained.info)
-    images = [RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
-    vm.add(embeddings=embed_images(untrained, images), poses=RNG.uniform(-5, 5, (4, 3)), ids=list("abcd"))
-    return view_map_to_pointcloud(vm, stamp=sec_to_stamp(1.0))
-
-
-def make_node(untrained, ctx, map_msg, name: str, **over: Any) -> LocalizationNode:
-    values = {"max_particles": 32, "tracking_particles": 32, "update_min_d": 0.0, "update_min_a": 0.0,
-              "transform_tolerance": TOLERANCE_S, "tf_broadcast": False, "save_pose_rate": 0.0,
-              "diagnostics_period": 0.0, **over}
-    node = LocalizationNode(model=untrained, namespace=name, context=ctx,
-                            parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
-    node._on_map(map_msg)
-    node._init_global()
-    return node
-
-
-@pytest.fixture
-def node(untrained, ctx, map_msg, request) -> Iterator[LocalizationNode]:
-    n = make_node(untrained, ctx, map_msg, request.node.name.replace("[", "_").replace("]", "").replace(".", "_"))
-    yield n
-    n.destroy_node()
-
-
-class Feed:
-    """Odometry (1-D, along x), frames and initial poses stamped ``t0 + dt``, t0 a minute ago; records the motion
-    each filter step was given."""
+class Feed(node_feed.Feed):
+    """node_feed's Feed, plus initial poses, recording the motion each filter step was given."""
 
     def __init__(self, loc: LocalizationNode) -> None:
-        self.loc = loc
-        self.t0 = time.time() - 60.0
+        super().__init__(loc)
         self.deltas: list[np.ndarray | None] = []
         step = loc.localizer.step
 
@@ -88,17 +49,6 @@ class Feed:
             return step(image, egomotion)
 
         loc.localizer.step = recording
-
-    def odom(self, dt: float, x: float) -> None:
-        msg = Odometry()
-        msg.header.stamp, msg.header.frame_id = sec_to_stamp(self.t0 + dt), "odom"
-        msg.pose.pose = xyyaw_to_pose(np.array([x, 0.0, 0.0]))
-        self.loc._on_odom(msg)
-
-    def frame(self, dt: float) -> None:
-        msg = Image(encoding="rgb8", height=32, width=32, step=96, data=RNG.integers(0, 256, 3072, np.uint8).tobytes())
-        msg.header.stamp, msg.header.frame_id = sec_to_stamp(self.t0 + dt), "camera"
-        self.loc._on_image(msg)
 
     def initialpose(self, dt: float | None, pose=(1.0, 1.0, 0.0), frame: str = "map") -> None:
         msg = initialpose_msg(pose, np.diag([0.01, 0.01, 0.001]))
